@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 
 class RetryPolicy(BaseModel):
-    attempts: int = Field(6, ge=1, description="total tries, the first one included")
+    attempts: int = Field(8, ge=1, description="total tries, the first one included")
     base_delay: float = Field(0.1, ge=0)
     max_delay: float = Field(5.0, ge=0)
 

@@ -12,8 +12,8 @@ from rich.console import Console
 from dispatcher.prefect_client import PrefectAPIError, PrefectUnreachable
 from dispatcher.settings import Settings
 
-console = Console(highlight=False)
-error_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+error_console = Console(stderr=True, highlight=False, soft_wrap=True)
 T = TypeVar("T")
 
 

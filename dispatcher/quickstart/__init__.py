@@ -23,6 +23,8 @@ from dispatcher.embedded_server import EmbeddedServer, start_embedded_server
 from dispatcher.models import FlowRun, StateType, TERMINAL_STATE_TYPES
 from dispatcher.prefect_client import ObjectNotFound, PrefectClient
 from dispatcher.settings import Settings, pushpool_home
+from providers.base import JobConfiguration
+from providers.process import ProcessProvider
 from providers.registry import ProviderRegistry
 
 POOL_NAME = "quickstart-pool"
@@ -97,6 +99,9 @@ async def _quickstart(console: Console, settings: Settings, *, timeout: float, s
         console.print(f"Submitted: infrastructure_pid {ours.infrastructure_pid}")
 
         final = await _wait_until_finished(console, client, flow_run.id, timeout)
+        # The flow process flushes its logs to the API as it exits; let it
+        # finish before an embedded server is stopped under it.
+        await _wait_for_process_exit(ours.infrastructure_pid or "", deadline=time.monotonic() + 15)
         timeline = await _timeline(client, final)
         ui_url = settings.api_url.removesuffix("/api") if settings.api_url else ""
         result = QuickstartResult(
@@ -144,6 +149,15 @@ async def _wait_until_finished(console: Console, client: PrefectClient, flow_run
             await asyncio.sleep(0.5)
 
 
+async def _wait_for_process_exit(infrastructure_pid: str, *, deadline: float) -> None:
+    provider = ProcessProvider()
+    while time.monotonic() < deadline:
+        status = await provider.status(infrastructure_pid, JobConfiguration())
+        if status.state != "running":
+            return
+        await asyncio.sleep(0.2)
+
+
 async def _timeline(client: PrefectClient, flow_run: FlowRun) -> list[TimelineEntry]:
     states = sorted(
         (s for s in await client.read_flow_run_states(flow_run.id) if s.timestamp is not None),
@@ -151,7 +165,7 @@ async def _timeline(client: PrefectClient, flow_run: FlowRun) -> list[TimelineEn
     )
     origin: Optional[datetime] = flow_run.created or (states[0].timestamp if states else None)
     return [
-        TimelineEntry(state=(s.name or s.type.value).lower(), seconds=(s.timestamp - origin).total_seconds())  # type: ignore[operator]
+        TimelineEntry(state=(s.name or s.type.value).lower(), seconds=max(0.0, (s.timestamp - origin).total_seconds()))  # type: ignore[operator]
         for s in states
         if origin is not None
     ]

@@ -73,7 +73,7 @@ async def make_runs(
         body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": when.isoformat()}}
     if job_variables is not None:
         body["job_variables"] = job_variables
-    semaphore = asyncio.Semaphore(8)
+    semaphore = asyncio.Semaphore(4)
 
     async def one() -> FlowRun:
         async with semaphore:

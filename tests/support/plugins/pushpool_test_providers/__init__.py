@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from typing import Optional
 
 from dispatcher.models import FlowRun
 from providers.base import InfrastructureError, InfrastructureStatus, JobConfiguration, Provider
@@ -27,9 +28,14 @@ def _record(entry: dict) -> None:
         os.close(fd)
 
 
+class RecordingJobConfiguration(JobConfiguration):
+    memory: Optional[int] = None
+
+
 class RecordingProvider(Provider):
     push_types = ("recording:push",)
     template_file = "recording.json"
+    configuration_model = RecordingJobConfiguration
 
     async def submit(self, configuration: JobConfiguration, flow_run: FlowRun) -> str:
         if configuration.env.get("PUSHPOOL_TEST_FAIL"):
