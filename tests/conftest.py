@@ -38,3 +38,24 @@ def api_env(prefect_server: PrefectServer, tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def unique_name() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the test-only `recording:push` provider writes its calls, for
+    in-process and subprocess dispatchers; also puts the provider on the path."""
+    from tests.support.factories import PLUGINS
+
+    path = tmp_path / "record.jsonl"
+    monkeypatch.setenv("PUSHPOOL_TEST_RECORD_FILE", str(path))
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto server (AWS emulator, HTTP on loopback) for the test session."""
+    from tests.support.moto_server import run_moto_server
+
+    with run_moto_server() as server:
+        yield server

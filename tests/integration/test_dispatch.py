@@ -15,7 +15,6 @@ from dispatcher.dispatch import Dispatcher, RunOutcome
 from dispatcher.models import StateProposal, StateType
 from dispatcher.settings import Settings
 from tests.support.factories import (
-    PLUGINS,
     client_for,
     dispatcher_env,
     make_deployment,
@@ -28,15 +27,6 @@ from tests.support.factories import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where the recording provider writes, for in-process and subprocess dispatchers."""
-    path = tmp_path / "record.jsonl"
-    monkeypatch.setenv("PUSHPOOL_TEST_RECORD_FILE", str(path))
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    return path
 
 
 def in_process_sweep(api_url: str, pool: str, **settings: object):
