@@ -189,6 +189,14 @@ class BlockDocument(APIModel):
     block_type_id: Optional[UUID] = None
     block_schema_id: Optional[UUID] = None
     block_type_name: Optional[str] = None
+    block_schema: Optional[BlockSchema] = None
+
+    @property
+    def secret_fields(self) -> Optional[list[str]]:
+        """The schema's secret field paths (`a`, `a.b`, `a.*`), if the server sent the schema."""
+        if self.block_schema is None or "secret_fields" not in self.block_schema.fields:
+            return None
+        return list(self.block_schema.fields["secret_fields"])
 
 
 class Variable(APIModel):

@@ -137,10 +137,11 @@ class PrefectClient:
         *,
         json: Any = None,
         params: Optional[dict[str, Any]] = None,
+        attempts: Optional[int] = None,
     ) -> httpx.Response:
         """Send a request, retrying transient failures; raise on any error answer."""
         path = path.lstrip("/")
-        attempts = self.retry_policy.attempts
+        attempts = attempts or self.retry_policy.attempts
         for attempt in range(1, attempts + 1):
             try:
                 response = await self._http.request(method, path, json=json, params=params)
@@ -287,10 +288,13 @@ class PrefectClient:
         )
 
     async def heartbeat(self, pool_name: str, worker_name: str, interval_seconds: int) -> None:
+        """Cosmetic (it marks the pool READY in the UI), so tried once: a busy
+        server is better spent on claims."""
         await self.request(
             "POST",
             f"work_pools/{pool_name}/workers/heartbeat",
             json={"name": worker_name, "heartbeat_interval_seconds": interval_seconds},
+            attempts=1,
         )
 
     # ---------------------------------------------------------------- flows, deployments

@@ -239,7 +239,7 @@ class CachedLookups:
     async def _read_block(self, read: Awaitable[BlockDocument]) -> BlockDocument:
         document = await read
         if self._redactor is not None:
-            self._redactor.add(strings_in(document.data))
+            self._redactor.add(secret_strings(document))
         by_id: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         by_id.set_result(document)
         self._reads.setdefault(("block", document.id), by_id)
@@ -271,6 +271,46 @@ def _uuid_or_str(value: Union[UUID, str]) -> Union[UUID, str]:
         return value if isinstance(value, UUID) else UUID(str(value))
     except ValueError:
         return str(value)
+
+
+CREDENTIAL_KEY_WORDS = ("secret", "password", "passwd", "token", "key", "credential", "auth")
+
+
+def secret_strings(document: BlockDocument) -> Iterator[str]:
+    """The values of a block to keep out of logs and messages: its schema's
+    secret fields, and anything under a credential-like key (an access key id
+    is not a schema secret but is still a credential). Without the schema,
+    every string counts, to be safe; with it, a region or a URL stays readable."""
+    secret_fields = document.secret_fields
+    if secret_fields is None:
+        yield from strings_in(document.data)
+        return
+    for path in secret_fields:
+        yield from strings_in(_values_at(document.data, path.split(".")))
+    yield from _credential_like_strings(document.data)
+
+
+def _values_at(data: Any, parts: list[str]) -> Any:
+    if not parts:
+        return data
+    head, rest = parts[0], parts[1:]
+    if not isinstance(data, dict):
+        return None
+    if head == "*":
+        return [_values_at(value, rest) for value in data.values()]
+    return _values_at(data.get(head), rest)
+
+
+def _credential_like_strings(data: Any) -> Iterator[str]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if any(word in str(key).lower() for word in CREDENTIAL_KEY_WORDS):
+                yield from strings_in(value)
+            else:
+                yield from _credential_like_strings(value)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _credential_like_strings(item)
 
 
 def strings_in(data: Any) -> Iterator[str]:

@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "pushpool.providers"
 
 BUILTIN_PROVIDERS: dict[str, str] = {
     "process:push": "providers.process:ProcessProvider",
+    "ecs:push": "providers.ecs:EcsProvider",
 }
 
 ALIASES: dict[str, str] = {

@@ -301,5 +301,6 @@ def test_cached_lookups_read_each_block_once_and_register_secrets(prefect_server
     # 5 by name; 3 of the 4 `$ref`s by id: the wrapper was already known from its read by name. (A
     # document first read by id is read again by name: its type's slug is not in the answer we model.)
     assert len(block_reads) == 8
-    text = f"token {SECRET_VALUE} password {PASSWORD} user alice"
-    assert redactor.redact(text) == f"token {MASK} password {MASK} user {MASK}"
+    # Secret fields (and credential-like keys) are masked; a region or a user name stays readable.
+    text = f"token {SECRET_VALUE} password {PASSWORD} user alice in eu-west-1"
+    assert redactor.redact(text) == f"token {MASK} password {MASK} user alice in eu-west-1"

@@ -85,6 +85,7 @@ class FaultRule:
 
     method: Optional[str] = None
     path: Optional[re.Pattern[str]] = None
+    match_headers: dict[str, re.Pattern[str]] = field(default_factory=dict)
     respond: Optional[int] = None
     body: Optional[bytes] = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -98,9 +99,12 @@ class FaultRule:
     matched: int = 0  # requests that matched method and path
     fired: int = 0  # requests the fault was applied to
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, headers: Optional[dict[str, str]] = None) -> bool:
         if self.method is not None and method.upper() != self.method:
             return False
+        for name, pattern in self.match_headers.items():
+            if pattern.search((headers or {}).get(name, "")) is None:
+                return False
         return self.path is None or self.path.search(path) is not None
 
     @property
@@ -161,6 +165,7 @@ class FaultProxy:
         *,
         method: Optional[str] = None,
         path: Optional[str] = None,
+        match_headers: Optional[dict[str, str]] = None,
         respond: Optional[int] = None,
         body: Union[bytes, str, dict[str, Any], list[Any], None] = None,
         headers: Optional[dict[str, str]] = None,
@@ -209,6 +214,7 @@ class FaultProxy:
         rule = FaultRule(
             method=method.upper() if method else None,
             path=re.compile(path) if path is not None else None,
+            match_headers={k.lower(): re.compile(v) for k, v in (match_headers or {}).items()},
             respond=respond,
             body=body if isinstance(body, bytes) else None,
             headers={k.lower(): v for k, v in rule_headers.items()},
@@ -255,10 +261,12 @@ class FaultProxy:
         with self._lock:
             self._requests.clear()
 
-    def _choose_rule(self, method: str, path: str) -> Optional[FaultRule]:
+    def _choose_rule(
+        self, method: str, path: str, headers: Optional[dict[str, str]] = None
+    ) -> Optional[FaultRule]:
         with self._lock:
             for rule in self._rules:
-                if rule.matches(method, path) and rule._should_fire():
+                if rule.matches(method, path, headers) and rule._should_fire():
                     return rule
         return None
 
@@ -328,7 +336,10 @@ class FaultProxy:
         path = scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         body = await _read_body(receive)
-        rule = self._choose_rule(method, path)
+        request_headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope.get("headers", [])
+        }
+        rule = self._choose_rule(method, path, request_headers)
 
         def record(status: Optional[int], action: str, upstream_status: Optional[int] = None) -> None:
             self._record(

@@ -357,3 +357,23 @@ def test_placeholder_names() -> None:
     # Prefect's pattern: word characters, dots, dashes, brackets and $; anything else is plain text.
     found = find_placeholders({"a": ["{{ a.b-c[0]$ }} {{ a b }} {{ a/b }} {{}}", "{{ prefect.variables.v }}"], "b": 1})
     assert {(p.name, p.type.value) for p in found} == {("a.b-c[0]$", "standard"), ("prefect.variables.v", "variable")}
+
+
+def test_secret_strings_follow_the_schema_and_credential_like_keys():
+    from uuid import uuid4
+
+    from dispatcher.models import BlockDocument, BlockSchema
+    from dispatcher.templating import secret_strings
+
+    data = {
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "aws_secret_access_key": "s3cr3t-value",
+        "region_name": "eu-west-1",
+        "headers": {"X-Token": "tok-123", "Accept": "json"},
+        "aws_client_parameters": {"endpoint_url": "http://127.0.0.1:5000"},
+    }
+    schema = BlockSchema(id=uuid4(), checksum="x", fields={"secret_fields": ["aws_secret_access_key", "headers.*"]})
+    with_schema = BlockDocument(id=uuid4(), data=data, block_schema=schema)
+    assert set(secret_strings(with_schema)) == {"s3cr3t-value", "tok-123", "json", "AKIAEXAMPLE"}
+    without_schema = BlockDocument(id=uuid4(), data=data)
+    assert "eu-west-1" in set(secret_strings(without_schema))  # unknown schema: every string is kept secret
