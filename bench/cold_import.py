@@ -31,11 +31,10 @@ def importtime_seconds(module: str) -> float:
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True, text=True, check=True
     )
-    top = module.split(".")[0]
     cumulative = 0
     for line in result.stderr.splitlines():
         match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|\s?( *)(\S+)", line)
-        if match and match.group(3) == top and not match.group(2):
+        if match and match.group(3) == module and not match.group(2):
             cumulative = max(cumulative, int(match.group(1)))
     return cumulative / 1e6
 

@@ -10,8 +10,10 @@ import typer
 from rich.table import Table
 
 from dispatcher.cli.console import console, exit_with_error, load_settings, run
+from dispatcher.cli.provision import deprovision, pool_type, provision
 from dispatcher.prefect_client import ObjectNotFound, PrefectClient
 from providers.registry import ProviderRegistry, UnknownPushType
+from provisioning.registry import has_provisioner
 
 app = typer.Typer(name="work-pool", help="Create and inspect push work pools.", no_args_is_help=True)
 
@@ -72,8 +74,12 @@ def create(
         bool, typer.Option("--provision-infra", help="Create the cloud resources the pool needs")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    no_access_key: Annotated[
+        bool, typer.Option("--no-access-key", help="With --provision-infra: create no IAM user or key; "
+                           "the dispatcher uses its own ambient cloud identity")
+    ] = False,
 ) -> None:
-    """Create a push work pool on the Prefect server."""
+    """Create a push work pool on the Prefect server (and its cloud resources with --provision-infra)."""
     registry = ProviderRegistry()
     provider_class = _provider_class(type, registry)
     push_type = registry.canonical(type)
@@ -82,13 +88,37 @@ def create(
         if base_job_template is not None
         else provider_class.default_base_job_template()
     )
+    settings = load_settings()
+    if provision_infra and has_provisioner(push_type):
+
+        async def create_then_provision() -> None:
+            async with PrefectClient(settings) as client:
+                if not overwrite and await _pool_exists(client, name):
+                    exit_with_error(f"Work pool named {name!r} already exists. Use --overwrite to update it.")
+
+            async def create_pool(_client: PrefectClient) -> None:
+                await _create(settings, name, push_type, template, paused, overwrite,
+                              template_given=base_job_template is not None)
+
+            await provision(settings, name, push_type, yes=yes, access_key=not no_access_key,
+                            before_apply=create_pool)
+
+        run(create_then_provision())
+        return
     if provision_infra:
         console.print(
             f"[yellow]Automatic infrastructure provisioning is not available for {push_type!r} "
             "work pools yet; creating the pool without it.[/yellow]"
         )
-    settings = load_settings()
     run(_create(settings, name, push_type, template, paused, overwrite, template_given=base_job_template is not None))
+
+
+async def _pool_exists(client: PrefectClient, name: str) -> bool:
+    try:
+        await client.read_work_pool(name)
+    except ObjectNotFound:
+        return False
+    return True
 
 
 async def _create(settings, name: str, push_type: str, template: dict[str, Any], paused: bool,
@@ -136,3 +166,40 @@ def ls() -> None:
         console.print(table)
 
     run(_ls())
+
+
+@app.command("provision-infra")
+def provision_infra(
+    name: Annotated[str, typer.Argument(help="The name of the work pool")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan and change nothing")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+    no_access_key: Annotated[
+        bool, typer.Option("--no-access-key", help="Create no IAM user or key; the dispatcher uses its own "
+                           "ambient cloud identity")
+    ] = False,
+) -> None:
+    """Create (or complete) the cloud resources an existing push pool needs, and
+    write them into the pool's template defaults. Re-running creates nothing twice."""
+    settings = load_settings()
+
+    async def _provision() -> None:
+        push_type = await pool_type(settings, name)
+        await provision(settings, name, push_type, yes=yes, dry_run=dry_run, access_key=not no_access_key)
+
+    run(_provision())
+
+
+@app.command("deprovision-infra")
+def deprovision_infra(
+    name: Annotated[str, typer.Argument(help="The name of the work pool")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation")] = False,
+) -> None:
+    """Delete the cloud resources provisioned for a pool (only those tagged for it)
+    and its credentials block; the pool itself stays."""
+    settings = load_settings()
+
+    async def _deprovision() -> None:
+        push_type = await pool_type(settings, name)
+        await deprovision(settings, name, push_type, yes=yes)
+
+    run(_deprovision())
