@@ -110,7 +110,7 @@ class PrefectClient:
             )
         self.api_url = settings.api_url
         self.retry_policy = retry_policy or RetryPolicy()
-        connections = max_connections or max(10, settings.max_concurrency * 2)
+        connections = max_connections or settings.max_concurrency + 4
         self._http = httpx.AsyncClient(
             base_url=self.api_url + "/",
             headers={"User-Agent": "pushpool", **auth_headers(settings)},

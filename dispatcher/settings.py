@@ -22,7 +22,7 @@ class Settings(BaseModel):
     )
     prefetch_seconds: float = Field(10.0, ge=0, description="PUSHPOOL_PREFETCH_SECONDS")
     webhook_secret: Optional[SecretStr] = Field(None, description="PUSHPOOL_WEBHOOK_SECRET")
-    max_concurrency: int = Field(16, ge=1, le=512, description="PUSHPOOL_MAX_CONCURRENCY")
+    max_concurrency: int = Field(8, ge=1, le=512, description="PUSHPOOL_MAX_CONCURRENCY")
     dispatcher_name: str = Field(
         default_factory=lambda: f"pushpool-{os.uname().nodename}",
         description="PUSHPOOL_DISPATCHER_NAME: the worker name heartbeats and labels carry",

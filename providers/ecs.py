@@ -310,8 +310,12 @@ def slugify_family(value: str) -> str:
 
 
 def default_family(pool_name: Optional[str], flow_run: FlowRun) -> str:
-    owner = flow_run.deployment_id or flow_run.flow_id
-    return slugify_family(f"prefect_{pool_name or 'pool'}_{owner}")
+    """One family per pool and flow (Prefect's worker uses one per deployment).
+    A task definition holds nothing run- or deployment-specific (env and command
+    travel in RunTask overrides), so every deployment of a flow with the same
+    task settings shares one revision, and a changed setting adds a revision
+    to the same family instead of a new family."""
+    return slugify_family(f"prefect_{pool_name or 'pool'}_{flow_run.flow_id}")
 
 
 def sanitize_tag(value: Any, limit: int) -> str:
@@ -582,6 +586,11 @@ class EcsProvider(Provider):
         self.sleep = sleep
         self._access: dict[str, AwsAccess] = {}
         self._lock = threading.Lock()
+        # Per family, within this provider instance (one dispatcher invocation):
+        # a lock so concurrent runs of one flow register at most one revision,
+        # and the latest revision seen, so the others need no DescribeTaskDefinition.
+        self._family_locks: dict[str, threading.Lock] = {}
+        self._latest_seen: dict[str, dict[str, Any]] = {}
 
     # --- the Provider interface ------------------------------------------------------
 
@@ -726,10 +735,22 @@ class EcsProvider(Provider):
             log_prefix=f"prefect-logs_{flow_run.work_pool_name}_{owner}",
         )
         family = wanted["family"] = slugify_family(wanted["family"])
+        with self._lock:
+            family_lock = self._family_locks.setdefault(family, threading.Lock())
+        with family_lock:
+            seen = self._latest_seen.get(family)
+            if seen is not None and task_definitions_equal(wanted, seen):
+                return seen["taskDefinitionArn"], seen, container_name
+            arn, registered = self._find_or_register(ecs, family, wanted)
+            self._latest_seen[family] = registered
+            return arn, registered, container_name
+
+    def _find_or_register(self, ecs: Any, family: str, wanted: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The family's latest revision if it equals `wanted`, else a new one."""
         for attempt in range(1, self.retry.attempts + 1):
             latest = self._latest_revision(ecs, family)
             if latest is not None and task_definitions_equal(wanted, latest):
-                return latest["taskDefinitionArn"], latest, container_name
+                return latest["taskDefinitionArn"], latest
             try:
                 registered = call_aws(
                     lambda: ecs.register_task_definition(**wanted),
@@ -743,7 +764,7 @@ class EcsProvider(Provider):
                     continue
                 raise
             logger.info("registered task definition", extra={"task_definition": registered["taskDefinitionArn"]})
-            return registered["taskDefinitionArn"], registered, container_name
+            return registered["taskDefinitionArn"], registered
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _latest_revision(self, ecs: Any, family: str) -> Optional[dict[str, Any]]:

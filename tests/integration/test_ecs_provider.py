@@ -208,8 +208,46 @@ def test_bundled_prefect_ecs_worker_template_dispatches_with_the_ambient_identit
     assert environment_of(task)["EXTRA"] == "yes"
     assert environment_of(task)["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
     assert task["launchType"] == "FARGATE"
-    family = f"prefect_{unique_name}_{deployment.id}"
+    family = f"prefect_{unique_name}_{deployment.flow_id}"
     assert task["taskDefinitionArn"] == revisions(moto_server, family)[0]
+
+
+def test_two_deployments_with_identical_task_settings_share_one_revision(
+    prefect_server, moto_server, cluster, unique_name, monkeypatch
+):
+    for key, value in {
+        "AWS_ENDPOINT_URL": moto_server.endpoint_url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    api = prefect_server.api_url
+
+    async def setup(image: str):
+        async with client_for(api) as client:
+            variables = {"cluster": cluster, "image": image, "env": {"WHICH": image}}
+            tag = image.rsplit(":", 1)[-1]
+            first = await make_deployment(client, unique_name, name=f"a-{tag}", job_variables=variables)
+            second = await make_deployment(client, unique_name, name=f"b-{tag}", job_variables=variables)
+            await make_runs(client, first, 1)
+            await make_runs(client, second, 1)
+            return first.flow_id
+
+    run(_make_ecs_pool(api, unique_name))
+    flow_id = run(setup("repo/flows:1"))
+    assert [r.outcome for r in sweep(api, unique_name).runs] == [RunOutcome.SUBMITTED] * 2
+    family = f"prefect_{unique_name}_{flow_id}"
+    assert len(revisions(moto_server, family)) == 1
+
+    run(setup("repo/flows:2"))  # a changed image: a new revision of the same family
+    assert [r.outcome for r in sweep(api, unique_name).runs] == [RunOutcome.SUBMITTED] * 2
+    assert len(revisions(moto_server, family)) == 2
+
+
+async def _make_ecs_pool(api: str, name: str) -> None:
+    async with client_for(api) as client:
+        await make_pool(client, name, "ecs:push")
 
 
 def test_a_missing_cluster_crashes_the_run_with_a_sentence_naming_it(prefect_server, moto_server, unique_name):

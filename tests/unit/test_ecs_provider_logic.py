@@ -116,7 +116,7 @@ def test_normalisation_ignores_aws_added_fields_and_order():
 def test_family_is_a_stable_slug():
     run = flow_run()
     family = default_family("my pool/ä", run)
-    assert family == f"prefect_my-pool-_{run.deployment_id}"
+    assert family == f"prefect_my-pool-_{run.flow_id}"
     no_deployment = flow_run(deployment_id=None)
     assert default_family("p", no_deployment) == f"prefect_p_{no_deployment.flow_id}"
     assert len(default_family("x" * 400, run)) == 255
