@@ -81,6 +81,15 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+def redacting_filter(redactor: Redactor) -> logging.Filter:
+    """A handler filter that adds the log context (flow run id, pool) to each
+    record and masks every known secret in it; for handlers pushpool did not
+    make itself (such as aws-lambda-powertools')."""
+    log_filter = _ContextFilter(redactor)
+    log_filter._pushpool = True  # type: ignore[attr-defined]
+    return log_filter
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
 

@@ -23,6 +23,16 @@ class Settings(BaseModel):
     prefetch_seconds: float = Field(10.0, ge=0, description="PUSHPOOL_PREFETCH_SECONDS")
     webhook_secret: Optional[SecretStr] = Field(None, description="PUSHPOOL_WEBHOOK_SECRET")
     max_concurrency: int = Field(8, ge=1, le=512, description="PUSHPOOL_MAX_CONCURRENCY")
+    pending_timeout_seconds: float = Field(
+        120.0, gt=0, description="PUSHPOOL_PENDING_TIMEOUT_SECONDS: a run PENDING this long with no "
+        "infrastructure_pid is submitted again (idempotently) by the reconciler"
+    )
+    max_resubmissions: int = Field(
+        3, ge=0, description="PUSHPOOL_MAX_RESUBMISSIONS: after this many, such a run is CRASHED instead"
+    )
+    tick_seconds: float = Field(
+        60.0, gt=0, description="PUSHPOOL_TICK_SECONDS: the period of the timer that triggers the dispatcher"
+    )
     dispatcher_name: str = Field(
         default_factory=lambda: f"pushpool-{os.uname().nodename}",
         description="PUSHPOOL_DISPATCHER_NAME: the worker name heartbeats and labels carry",
@@ -52,6 +62,13 @@ class Settings(BaseModel):
             values["prefetch_seconds"] = env["PUSHPOOL_PREFETCH_SECONDS"]
         if env.get("PUSHPOOL_MAX_CONCURRENCY"):
             values["max_concurrency"] = env["PUSHPOOL_MAX_CONCURRENCY"]
+        for name, field in (
+            ("PUSHPOOL_PENDING_TIMEOUT_SECONDS", "pending_timeout_seconds"),
+            ("PUSHPOOL_MAX_RESUBMISSIONS", "max_resubmissions"),
+            ("PUSHPOOL_TICK_SECONDS", "tick_seconds"),
+        ):
+            if env.get(name):
+                values[field] = env[name]
         if env.get("PUSHPOOL_DISPATCHER_NAME"):
             values["dispatcher_name"] = env["PUSHPOOL_DISPATCHER_NAME"]
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -56,6 +56,9 @@ MAX_TAG_KEY = 128
 MAX_TAG_VALUE = 256
 MAX_FAMILY = 255
 MAX_STOP_REASON = 255
+#: how much of a crashed task's CloudWatch log stream a CRASHED message quotes
+LOG_TAIL_LINES = 10
+LOG_TAIL_CHARACTERS = 1000
 #: our own tag: which `run_count` of the flow run a task was launched for
 RUN_COUNT_TAG = "pushpool.io/run-count"
 CONCURRENT_REVISION_TEXT = "too many concurrent attempts to create a new revision"
@@ -864,8 +867,38 @@ class EcsProvider(Provider):
             return InfrastructureStatus(state="missing", reason=f"ECS task {task_arn} was not found")
         if task.get("lastStatus") == "STOPPED":
             exit_code, reason = explain_stopped_task(task, configuration.container_name)
+            if exit_code != 0:
+                tail = self._log_tail(self.access(configuration), task, configuration.container_name)
+                if tail:
+                    reason += f" — last log lines: {tail}"
             return InfrastructureStatus(state="exited", exit_code=exit_code, reason=reason)
         return InfrastructureStatus(state="running")
+
+    def _log_tail(self, aws: AwsAccess, task: dict[str, Any], container_name: Optional[str]) -> Optional[str]:
+        """The last lines the task's container wrote to CloudWatch Logs, when
+        its task definition sends them there (best effort: None on any failure)."""
+        try:
+            definition = self._call(
+                "ecs:DescribeTaskDefinition",
+                lambda: aws.client("ecs").describe_task_definition(taskDefinition=task["taskDefinitionArn"]),
+            )["taskDefinition"]
+            name = container_name or infer_container_name(definition)
+            container = next(c for c in definition.get("containerDefinitions") or [] if c.get("name") == name)
+            log_configuration = container.get("logConfiguration") or {}
+            options = log_configuration.get("options") or {}
+            if log_configuration.get("logDriver") != "awslogs" or not options.get("awslogs-stream-prefix"):
+                return None
+            stream = f"{options['awslogs-stream-prefix']}/{name}/{task['taskArn'].rsplit('/', 1)[-1]}"
+            events = self._call(
+                "logs:GetLogEvents",
+                lambda: aws.client("logs").get_log_events(
+                    logGroupName=options["awslogs-group"], logStreamName=stream, limit=LOG_TAIL_LINES, startFromHead=False
+                ),
+            ).get("events") or []
+        except (InfrastructureError, KeyError, StopIteration):
+            return None
+        lines = [str(e.get("message", "")).rstrip() for e in events if str(e.get("message", "")).strip()]
+        return " | ".join(lines)[-LOG_TAIL_CHARACTERS:] or None
 
 
 def is_retryable_code(exc: AwsCallError) -> bool:

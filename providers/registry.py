@@ -32,6 +32,14 @@ class UnknownPushType(LookupError):
         super().__init__(f"Unknown work pool type {push_type!r}. Known types: {', '.join(known)}")
 
 
+class ProviderUnavailable(UnknownPushType):
+    def __init__(self, push_type: str, path: str, error: ModuleNotFoundError):
+        LookupError.__init__(
+            self, f"The provider for {push_type!r} ({path}) is not installed here: {error}"
+        )
+        self.push_type, self.known = push_type, []
+
+
 class ProviderRegistry:
     def __init__(self, extra: Optional[dict[str, str]] = None, *, load_entry_points: bool = True):
         self._paths: dict[str, str] = dict(BUILTIN_PROVIDERS)
@@ -56,7 +64,13 @@ class ProviderRegistry:
             raise UnknownPushType(push_type, self.known_types())
         if push_type not in self._loaded:
             module_name, _, attribute = self._paths[push_type].partition(":")
-            provider = getattr(importlib.import_module(module_name), attribute)
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as exc:
+                # A built-in left out of this install (a Lambda zip with only ecs:push)
+                # is as unknown here as a type nobody wrote.
+                raise ProviderUnavailable(push_type, self._paths[push_type], exc) from None
+            provider = getattr(module, attribute)
             if not (isinstance(provider, type) and issubclass(provider, Provider)):
                 raise TypeError(f"{self._paths[push_type]} is not a pushpool Provider")
             self._loaded[push_type] = provider

@@ -11,10 +11,14 @@ import typer
 from rich.table import Table
 
 from dispatcher.cli import work_pool
+from dispatcher.cli import connect
+from dispatcher.cli import package
 from dispatcher.cli.console import console, exit_with_error, load_settings, run
-from dispatcher.dispatch import Dispatcher, SweepSummary
+from dispatcher.dispatch import Dispatcher, RunOutcome, SweepSummary
 from dispatcher.logs import Redactor, configure_logging
 from dispatcher.prefect_client import PrefectClient
+from dispatcher.reconcile import ReconcileSummary
+from dispatcher.triggers import TriggerResult
 
 app = typer.Typer(
     name="pushpool",
@@ -23,6 +27,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(work_pool.app)
+app.command("connect")(connect.connect)
+app.add_typer(package.app)
 
 
 def _summary_line(summary: SweepSummary) -> str:
@@ -45,21 +51,28 @@ def dispatch(
     json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines instead of text")] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
 ) -> None:
-    """Run the dispatcher here: claim due runs of push pools and submit them."""
+    """Run the dispatcher here: claim due runs of push pools and submit them,
+    cancel what is cancelling, and settle what crashed (the reconciler)."""
     settings = load_settings()
     pools = list(pool or settings.pools)
     configure_logging(Redactor(settings.secret_values()), level=log_level, json_lines=json_logs)
 
     if once:
-        async def _once() -> SweepSummary:
+        async def _once() -> tuple[SweepSummary, ReconcileSummary]:
             async with PrefectClient(settings) as client:
-                return await Dispatcher(client, settings).sweep(pools)
+                dispatcher = Dispatcher(client, settings)
+                return await dispatcher.sweep(pools), await dispatcher.reconcile(pools)
 
-        summary = run(_once())
+        summary, reconciled = run(_once())
         console.print(f"Swept {', '.join(summary.pools) or 'no push pools'}: {_summary_line(summary)}")
-        for result in summary.runs:
+        for result in summary.runs + reconciled.runs:
             if result.reason:
                 console.print(f"  {result.flow_run_id} {result.outcome.value}: {result.reason}")
+        if reconciled.runs:
+            console.print(
+                f"Reconciled: resubmitted {reconciled.resubmitted}, crashed {reconciled.count(RunOutcome.CRASHED)}, "
+                f"cancelled {reconciled.count(RunOutcome.CANCELLED)}"
+            )
         return
 
     from dispatcher.serve import serve
@@ -70,15 +83,19 @@ def dispatch(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
 
-        def report(summary: SweepSummary) -> None:
-            if summary.runs:
-                console.print(_summary_line(summary))
+        def report(result: TriggerResult) -> None:
+            if result.claimed or result.crashed or result.cancelled or result.resubmitted or result.error:
+                console.print(
+                    f"{result.trigger}: claimed {result.claimed}, submitted {result.submitted}, "
+                    f"crashed {result.crashed}, cancelled {result.cancelled}, resubmitted {result.resubmitted}"
+                    + (f" — {result.error}" if result.error else "")
+                )
 
         console.print(
             f"Dispatching {', '.join(pools) if pools else 'every push pool'} "
             f"(sweep every {interval:g} s{', and on events' if events else ''}); Ctrl-C to stop."
         )
-        await serve(settings, pools=pools, interval=interval, stop=stop, use_events=events, on_sweep=report)
+        await serve(settings, pools=pools, interval=interval, stop=stop, use_events=events, on_trigger=report)
 
     run(_serve())
 

@@ -5,7 +5,6 @@ crash reasons, cancel and status."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import uuid
 from pathlib import Path
@@ -15,12 +14,21 @@ import pytest
 
 from dispatcher.dispatch import Dispatcher, RunOutcome
 from dispatcher.models import FlowRun, StateProposal, StateType
-from dispatcher.prefect_client import ObjectNotFound, PrefectClient
+
 from dispatcher.retries import RetryPolicy
 from dispatcher.settings import Settings
 from providers.base import InfrastructureError
 from providers.ecs import EcsJobConfiguration, EcsProvider
 from providers.registry import ProviderRegistry
+from tests.support.ecs import (
+    credentials_for,
+    ecs_target,
+    ecs_template,
+    environment_of,
+    make_credentials_block,
+    revisions,
+    tasks_in,
+)
 from tests.support.factories import client_for, make_deployment, make_pool, make_runs
 from tests.support.fault_proxy import FaultProxy
 
@@ -30,10 +38,6 @@ BUNDLED_METADATA = Path(__import__("prefect").__file__).parent / (
     "server/api/collections_data/views/aggregate-worker-metadata.json"
 )
 THROTTLED = {"__type": "ThrottlingException", "message": "Rate exceeded"}
-
-
-def ecs_target(action: str) -> dict[str, str]:
-    return {"X-Amz-Target": rf"^AmazonEC2ContainerServiceV20141113\.{action}$"}
 
 
 def run(coro):
@@ -51,51 +55,6 @@ def cluster(moto_server, unique_name) -> str:
     return unique_name
 
 
-def credentials_for(endpoint_url: str) -> dict[str, Any]:
-    return {
-        "aws_access_key_id": "testing",
-        "aws_secret_access_key": "testing-secret",
-        "region_name": "us-east-1",
-        "aws_client_parameters": {"endpoint_url": endpoint_url},
-    }
-
-
-async def ensure_aws_credentials_block_type(client: PrefectClient) -> tuple[str, str]:
-    """OSS Prefect has no aws-credentials block type unless prefect-aws registered it."""
-    try:
-        block_type = await client.read_block_type_by_slug("aws-credentials")
-        block_type_id = str(block_type.id)
-    except ObjectNotFound:
-        response = await client.request(
-            "POST", "block_types/", json={"name": "AWS Credentials", "slug": "aws-credentials"}
-        )
-        block_type_id = response.json()["id"]
-    definition = EcsProvider.default_base_job_template()["variables"]["definitions"]
-    fields = copy.deepcopy(definition["AwsCredentials"])
-    fields["definitions"] = {"AwsClientParameters": definition["AwsClientParameters"]}
-    response = await client.request(
-        "POST",
-        "block_schemas/",
-        json={"block_type_id": block_type_id, "fields": fields, "capabilities": [], "version": "pushpool-test"},
-    )
-    return block_type_id, response.json()["id"]
-
-
-async def make_credentials_block(client: PrefectClient, name: str, endpoint_url: str) -> str:
-    block_type_id, schema_id = await ensure_aws_credentials_block_type(client)
-    document = await client.create_block_document(
-        name, uuid.UUID(block_type_id), uuid.UUID(schema_id), credentials_for(endpoint_url)
-    )
-    return str(document.id)
-
-
-def ecs_template(**defaults: Any) -> dict[str, Any]:
-    template = EcsProvider.default_base_job_template()
-    for name, value in defaults.items():
-        template["variables"]["properties"][name]["default"] = value
-    return template
-
-
 def sweep(api_url: str, pool: str, registry: ProviderRegistry | None = None):
     async def go():
         async with client_for(api_url) as client:
@@ -107,28 +66,6 @@ def sweep(api_url: str, pool: str, registry: ProviderRegistry | None = None):
 async def read_run(api_url: str, run_id) -> FlowRun:
     async with client_for(api_url) as client:
         return await client.read_flow_run(run_id)
-
-
-def tasks_in(moto_server, cluster: str, started_by: str | None = None) -> list[dict[str, Any]]:
-    ecs = moto_server.client("ecs")
-    arns: list[str] = []
-    for status in ("RUNNING", "STOPPED"):
-        kwargs: dict[str, Any] = {"cluster": cluster, "desiredStatus": status}
-        if started_by:
-            kwargs["startedBy"] = started_by
-        arns += ecs.list_tasks(**kwargs)["taskArns"]
-    if not arns:
-        return []
-    return ecs.describe_tasks(cluster=cluster, tasks=arns, include=["TAGS"])["tasks"]
-
-
-def environment_of(task: dict[str, Any], container: str = "prefect") -> dict[str, str]:
-    [override] = [c for c in task["overrides"]["containerOverrides"] if c["name"] == container]
-    return {e["name"]: e["value"] for e in override["environment"]}
-
-
-def revisions(moto_server, family: str) -> list[str]:
-    return moto_server.client("ecs").list_task_definitions(familyPrefix=family)["taskDefinitionArns"]
 
 
 # ---------------------------------------------------------------- dispatch through the core

@@ -23,6 +23,8 @@ applies its fault:
 - `delay=seconds`: wait, then go on (forward, or apply the rule's other fault).
 - `forward_first=True`: the request reaches the upstream, then the fault replaces
   its answer: "the server did it, but the client never heard" (idempotency tests).
+- `rewrite=function`: the upstream's answer body goes through `function(bytes) -> bytes`
+  (to make an emulator say what it cannot, such as a container's non-zero exit code).
 
 Rules and records are guarded by a lock: tests add rules from their own thread
 while the server thread serves.
@@ -93,6 +95,7 @@ class FaultRule:
     reset: bool = False
     delay: float = 0.0
     forward_first: bool = False
+    rewrite: Optional[Callable[[bytes], bytes]] = None
     times: Optional[int] = None
     probability: Optional[float] = None
     rng: Optional[random.Random] = None
@@ -129,10 +132,14 @@ class FaultRule:
             return "drop"
         if self.respond is not None:
             return "respond"
+        if self.rewrite is not None:
+            return "rewrite"
         return "delay"
 
     def __repr__(self) -> str:
-        what = {"drop": "drop", "respond": f"respond={self.respond}", "delay": f"delay={self.delay}"}[self.action]
+        what = {
+            "drop": "drop", "respond": f"respond={self.respond}", "delay": f"delay={self.delay}", "rewrite": "rewrite"
+        }[self.action]
         where = f"{self.method or '*'} {self.path.pattern if self.path else '*'}"
         return f"FaultRule({where} -> {what}, fired={self.fired}/{self.times if self.times is not None else '∞'})"
 
@@ -174,6 +181,7 @@ class FaultProxy:
         reset: bool = False,
         delay: float = 0.0,
         forward_first: bool = False,
+        rewrite: Optional[Callable[[bytes], bytes]] = None,
         times: Optional[int] = None,
         probability: Optional[float] = None,
         seed: Optional[int] = None,
@@ -191,8 +199,8 @@ class FaultProxy:
             raise ValueError("a rule either responds or drops, not both")
         if reset and not drop:
             raise ValueError("reset=True only applies to drop=True")
-        if respond is None and not drop and delay <= 0:
-            raise ValueError("a rule needs respond=STATUS, drop=True or delay=SECONDS")
+        if respond is None and not drop and delay <= 0 and rewrite is None:
+            raise ValueError("a rule needs respond=STATUS, drop=True, delay=SECONDS or rewrite=FUNCTION")
         if probability is not None and not 0 <= probability <= 1:
             raise ValueError("probability must be between 0 and 1")
         if times is not None and times < 0:
@@ -222,6 +230,7 @@ class FaultProxy:
             reset=reset,
             delay=delay,
             forward_first=forward_first,
+            rewrite=rewrite,
             times=times,
             probability=probability,
             rng=random.Random(self.seed if seed is None else seed) if probability is not None else None,
@@ -361,11 +370,11 @@ class FaultProxy:
             await asyncio.sleep(rule.delay)
 
         upstream: Optional[tuple[int, list[tuple[bytes, bytes]], bytes]] = None
-        if rule is None or rule.action == "delay" or rule.forward_first:
+        if rule is None or rule.action in ("delay", "rewrite") or rule.forward_first:
             try:
                 upstream = await self._forward(scope, body)
             except httpx.HTTPError as exc:
-                if rule is None or rule.action == "delay":
+                if rule is None or rule.action in ("delay", "rewrite"):
                     message = json.dumps({"exception_message": f"Bad Gateway: {type(exc).__name__}: {exc}"})
                     record(502, "error")
                     await _respond(send, 502, [(b"content-type", b"application/json")], message.encode())
@@ -385,7 +394,11 @@ class FaultProxy:
             return
         assert upstream is not None
         status, headers, content = upstream
-        record(status, "delay" if rule is not None else "forward", status)
+        if rule is not None and rule.rewrite is not None:
+            content = rule.rewrite(content)
+            headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(content)).encode()))
+        record(status, rule.action if rule is not None else "forward", status)
         await _respond(send, status, headers, content)
 
     async def _forward(self, scope: dict[str, Any], body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

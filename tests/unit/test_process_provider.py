@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from dispatcher.models import FlowRun
+from dispatcher.run_policy import RunPolicy
 from providers import process_supervisor as supervisor
 from providers.base import InfrastructureError, InfrastructureStatus, JobConfiguration
 from providers.process import ProcessJobConfiguration, ProcessProvider, default_state_dir
@@ -95,7 +96,8 @@ def test_default_template_has_the_shape_of_prefects_process_worker():
     assert ours["job_configuration"] == prefect_template["job_configuration"]
     theirs_vars, our_vars = prefect_template["variables"], ours["variables"]
     assert our_vars["type"] == theirs_vars["type"] == "object"
-    assert set(our_vars["properties"]) == set(theirs_vars["properties"])
+    # Prefect's variables, plus the dispatcher's own run policy (dispatcher/run_policy.py).
+    assert set(our_vars["properties"]) == set(theirs_vars["properties"]) | set(RunPolicy.model_fields)
     for name, theirs in theirs_vars["properties"].items():
         mine = our_vars["properties"][name]
         for key in ("type", "anyOf", "default", "additionalProperties", "format", "title"):

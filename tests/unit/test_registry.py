@@ -37,3 +37,11 @@ def test_a_non_provider_entry_is_refused():
     registry = ProviderRegistry({"bad:push": "json:dumps"}, load_entry_points=False)
     with pytest.raises(TypeError):
         registry.provider_class("bad:push")
+
+
+def test_a_builtin_provider_left_out_of_the_install_is_an_unknown_type_not_a_crash():
+    """A Lambda zip with only ecs:push has no providers/process.py; a sweep of
+    every push pool must skip a process:push pool, not fail on it."""
+    registry = ProviderRegistry({"process:push": "providers.not_in_this_zip:ProcessProvider"}, load_entry_points=False)
+    with pytest.raises(UnknownPushType, match="not installed here"):
+        registry.create("process:push")

@@ -1,0 +1,216 @@
+"""The reconciler: every tick, settle what lost triggers, crashes and dead
+infrastructure left behind, so every claimed run ends accounted for.
+
+For each served pool it reads the runs in PENDING, RUNNING and CANCELLING (and
+recent CANCELLED ones whose cancellation the server timed out), and for each:
+
+- CANCELLING → stop the infrastructure, then CANCELLED (`dispatcher.cancellation`);
+- PENDING with no `infrastructure_pid` for longer than `pending_timeout_seconds`
+  (claimed, then the dispatcher died or lost the answer) → submitted again with
+  the same idempotency key, so a run already launched is found, not launched
+  twice; after `max_resubmissions` tries → CRASHED with the reason;
+- PENDING or RUNNING whose infrastructure has exited or is gone → CRASHED with
+  the exit code and the reason the provider gives (a run that reached a
+  terminal state meanwhile is never touched: the run is read again first, and
+  the server refuses to overwrite a terminal state anyway);
+- running longer than its `max_run_time_seconds` → CANCELLING with that
+  reason, then cancelled as above.
+
+Level-triggered: it compares what the API says with what the infrastructure
+says, so running it twice, or after a missed trigger, changes nothing more.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+from dispatcher.cancellation import cancel_flow_run, stop_after_cancellation_timeout
+from dispatcher.invocation import Invocation, RunOutcome, RunResult
+from dispatcher.logs import get_logger, log_context
+from dispatcher.models import FlowRun, StateProposal, StateType, WorkPool
+from dispatcher.prefect_client import ObjectNotFound, PrefectAPIError, PrefectUnreachable
+from dispatcher.run_policy import RunPolicy
+from dispatcher.submission import launch
+from dispatcher.templating import TemplateError
+from providers.base import InfrastructureError, InfrastructureStatus
+from providers.registry import UnknownPushType
+
+logger = get_logger(__name__)
+
+RESUBMISSIONS_LABEL = "pushpool.io/resubmissions"
+ACTIVE_STATES = [StateType.PENDING.value, StateType.RUNNING.value, StateType.CANCELLING.value]
+#: how far back to look for runs whose cancellation the server timed out
+TIMED_OUT_CANCELLATION_WINDOW = timedelta(hours=1)
+
+
+class ReconcileSummary(BaseModel):
+    pools: list[str] = Field(default_factory=list)
+    runs: list[RunResult] = Field(default_factory=list)
+    resubmitted: int = 0
+
+    def count(self, outcome: RunOutcome) -> int:
+        return sum(1 for run in self.runs if run.outcome == outcome)
+
+
+class Reconciler:
+    def __init__(self, invocation: Invocation):
+        self.inv = invocation
+        self.client = invocation.client
+        self.settings = invocation.settings
+
+    async def run(self, pools: list[WorkPool]) -> ReconcileSummary:
+        summary = ReconcileSummary(pools=[pool.name for pool in pools])
+        for pool in pools:
+            with log_context(pool=pool.name):
+                try:
+                    self.inv.provider(pool)
+                except UnknownPushType:
+                    continue
+                try:
+                    runs = await self._runs_to_check(pool)
+                except (PrefectUnreachable, PrefectAPIError) as exc:
+                    logger.error("could not read the pool's active runs", extra={"error": str(exc)})
+                    continue
+                for result, resubmitted in await self.inv.bounded(lambda run: self._reconcile(pool, run), runs):
+                    if result is not None:
+                        summary.runs.append(result)
+                    summary.resubmitted += resubmitted
+        return summary
+
+    async def _runs_to_check(self, pool: WorkPool) -> list[FlowRun]:
+        in_pool = {"name": {"any_": [pool.name]}}
+        active = await self.client.read_flow_runs(
+            flow_runs={"state": {"type": {"any_": ACTIVE_STATES}}},
+            work_pools=in_pool,
+            sort="EXPECTED_START_TIME_ASC",
+        )
+        since = self.inv.clock() - TIMED_OUT_CANCELLATION_WINDOW
+        cancelled = await self.client.read_flow_runs(
+            flow_runs={"state": {"type": {"any_": [StateType.CANCELLED.value]}}, "end_time": {"after_": since.isoformat()}},
+            work_pools=in_pool,
+        )
+        runs = active + [run for run in cancelled if run.infrastructure_pid]
+        for run in runs:
+            run.work_pool_name = pool.name
+        return runs
+
+    async def _reconcile(self, pool: WorkPool, run: FlowRun) -> tuple[Optional[RunResult], int]:
+        """(what was done, if anything; 1 if the run was submitted again)."""
+        state = run.current_state_type
+        if state == StateType.CANCELLING:
+            return await cancel_flow_run(self.inv, pool, run), 0
+        if state == StateType.CANCELLED:
+            return await stop_after_cancellation_timeout(self.inv, pool, run), 0
+        if state == StateType.PENDING and not run.infrastructure_pid:
+            return await self._lost_submission(pool, run)
+        if run.infrastructure_pid:
+            settled = await self.check_infrastructure(pool, run)
+            if settled is not None:
+                return settled, 0
+            return await self._enforce_max_run_time(pool, run), 0
+        return None, 0
+
+    # ------------------------------------------------------------ lost submissions
+
+    async def _lost_submission(self, pool: WorkPool, run: FlowRun) -> tuple[Optional[RunResult], int]:
+        claimed_at = run.state.timestamp if run.state is not None else None
+        timeout = timedelta(seconds=self.settings.pending_timeout_seconds)
+        if claimed_at is None or self.inv.clock() - claimed_at < timeout:
+            return None, 0  # maybe a dispatcher is submitting it right now
+        tries = _int_label(run, RESUBMISSIONS_LABEL)
+        if tries >= self.settings.max_resubmissions:
+            return await self.inv.crash(
+                pool, run,
+                f"Claimed at {claimed_at.isoformat(timespec='seconds')} but its infrastructure was never recorded, "
+                f"even after {tries} resubmissions: check the dispatcher's logs for this flow run id",
+            ), 0
+        try:
+            await self.client.update_flow_run_labels(run.id, {RESUBMISSIONS_LABEL: str(tries + 1)})
+        except (PrefectUnreachable, PrefectAPIError) as exc:
+            logger.warning("could not count the resubmission; not resubmitting now", extra={"error": str(exc)})
+            return None, 0
+        logger.warning(
+            "run was claimed but its infrastructure never recorded; submitting it again (idempotent)",
+            extra={"resubmission": tries + 1},
+        )
+        return await launch(self.inv, pool, run), 1
+
+    # ------------------------------------------------------------ dead infrastructure
+
+    async def check_infrastructure(self, pool: WorkPool, run: FlowRun) -> Optional[RunResult]:
+        """CRASHED (or, if it was being cancelled, CANCELLED) when the run's
+        infrastructure has exited or is gone while the run is not finished."""
+        if not run.infrastructure_pid or (run.current_state_type or StateType.SCHEDULED).is_terminal:
+            return None
+        status = await self._status(pool, run)
+        if status is None or status.state == "running":
+            return None
+        # What the infrastructure said is final; what the run says may have moved on.
+        try:
+            current = await self.client.read_flow_run(run.id)
+        except ObjectNotFound:
+            return None
+        except (PrefectUnreachable, PrefectAPIError) as exc:
+            logger.warning("could not re-read the run; settling it later", extra={"error": str(exc)})
+            return None
+        current.work_pool_name = pool.name
+        state = current.current_state_type
+        if state is None or state.is_terminal or state in (StateType.SCHEDULED, StateType.PAUSED):
+            return None  # finished, or given back for a retry: nothing to settle
+        if current.infrastructure_pid != run.infrastructure_pid:
+            return None  # relaunched meanwhile; that infrastructure is checked next time
+        if state == StateType.CANCELLING:
+            return await self.inv.mark_cancelled(
+                pool, current, f"Cancelled: its infrastructure {run.infrastructure_pid} has stopped."
+            )
+        return await self.inv.crash(pool, current, describe_exit(status))
+
+    async def _status(self, pool: WorkPool, run: FlowRun) -> Optional[InfrastructureStatus]:
+        pid = run.infrastructure_pid or ""
+        try:
+            configuration = await self.inv.job_configuration(pool, run)
+            return await self.inv.provider(pool).status(pid, configuration)
+        except (TemplateError, ObjectNotFound, InfrastructureError, PrefectUnreachable, PrefectAPIError) as exc:
+            logger.warning(
+                "could not read the state of the run's infrastructure",
+                extra={"infrastructure_pid": pid, "error": self.inv.reason(str(exc))},
+            )
+            return None
+
+    # ------------------------------------------------------------ maximum run time
+
+    async def _enforce_max_run_time(self, pool: WorkPool, run: FlowRun) -> Optional[RunResult]:
+        started = run.start_time or (run.state.timestamp if run.state is not None else None)
+        try:
+            deployment = await self.inv.deployment(run.deployment_id) if run.deployment_id else None
+        except (ObjectNotFound, PrefectUnreachable, PrefectAPIError):
+            deployment = None
+        reason = RunPolicy.for_run(pool, deployment, run).overran(started, self.inv.clock())
+        if reason is None:
+            return None
+        result = await self.inv.propose(run, StateProposal(type=StateType.CANCELLING, name="Cancelling", message=reason))
+        if result is None or result.state is None or result.state.type != StateType.CANCELLING:
+            return None
+        logger.warning("run exceeded its maximum run time; cancelling it", extra={"reason": reason})
+        cancelling = run.model_copy(update={"state": result.state, "state_type": StateType.CANCELLING})
+        return await cancel_flow_run(self.inv, pool, cancelling)
+
+
+def describe_exit(status: InfrastructureStatus) -> str:
+    """The CRASHED message for infrastructure that stopped under a live run."""
+    if status.state == "missing":
+        return f"Flow run infrastructure disappeared while the run was not finished: {status.reason or 'not found'}"
+    code = "" if status.exit_code is None else f" with exit code {status.exit_code}"
+    reason = f": {status.reason}" if status.reason else ""
+    return f"Flow run infrastructure exited{code} while the run was not finished{reason}"
+
+
+def _int_label(run: FlowRun, name: str) -> int:
+    value = run.labels.get(name)
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
