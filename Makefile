@@ -23,11 +23,20 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 quickstart: $(VENV)/.installed-local
 	$(BIN)/pushpool quickstart
 
-test: $(VENV)/.installed-dev
+# checkov, which tests/unit/test_terraform.py runs on terraform/, pins boto3,
+# packaging and networkx below this project's versions: it gets its own
+# virtualenv. Never fatal: without checkov that test skips and says why.
+$(VENV)/tools-checkov/.installed: | $(VENV)/.installed-dev
+	$(BIN)/python -m tests.unit.test_terraform install-checkov
+	mkdir -p $(@D) && touch $@
+
+test: $(VENV)/.installed-dev $(VENV)/tools-checkov/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python -m bench.cold_import
+	$(BIN)/python -m bench.cold_import --runs 10
+	$(BIN)/python -m bench.lambda_package --runs 10
+	$(BIN)/python -m bench.scheduled_lateness
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-MODULES = ("dispatcher.dispatch", "dispatcher.cli", "prefect")
+MODULES = ("dispatcher.aws_lambda", "dispatcher.http", "dispatcher.dispatch", "dispatcher.cli", "prefect")
 
 
 def wall_seconds(module: str) -> float:

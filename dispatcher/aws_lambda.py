@@ -30,12 +30,13 @@ import base64
 import functools
 import json
 import os
-from typing import Any, Union
+from datetime import datetime
+from typing import Any, Literal, Optional, Union
 from uuid import UUID
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dispatcher.logs import ROOT_LOGGER, Redactor, get_logger, redacting_filter
 from dispatcher.settings import Settings
@@ -142,28 +143,79 @@ async def _handle(event: Any, context: Any, settings: Settings) -> dict[str, Any
 
 
 async def _handle_http(event: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    method, path = request_line(event)
-    logger.set_correlation_id(str((event.get("requestContext") or {}).get("requestId") or ""))
-    if method == "GET" and path.rstrip("/").endswith("/health"):
+    request = HttpRequest.from_event(event)
+    if isinstance(request, str):
+        return http_response(400, {"error": request})
+    logger.set_correlation_id(request.request_id)
+    if request.method == "GET" and request.path.rstrip("/").endswith("/health"):
         return http_response(200, {"status": "ok"})
-    if method != "POST":
+    if request.method != "POST":
         return http_response(405, {"error": "use POST for webhooks, GET /health for health"})
-    body = event.get("body") or ""
-    if event.get("isBase64Encoded"):
-        try:
-            raw = base64.b64decode(body, validate=True)
-        except ValueError:
-            return http_response(400, {"error": "the body is not valid base64"})
-    else:
-        raw = body.encode() if isinstance(body, str) else bytes(body)
-    response = await handle_webhook(event.get("headers") or {}, raw, settings)
-    result = response.body
-    if "trigger" in result:
-        record_metrics(TriggerResult.model_validate(result))
-    return http_response(response.status, result)
+    response = await handle_webhook(request.headers, request.body, settings)
+    if "trigger" in response.body:
+        record_metrics(TriggerResult.model_validate(response.body))
+    return http_response(response.status, response.body)
 
 
 # ---------------------------------------------------------------- event shapes
+
+
+class SchedulerInput(BaseModel):
+    """What the dispatcher's own EventBridge Scheduler schedules send."""
+
+    pushpool: Literal["tick", "wake"]
+    at: Optional[datetime] = None
+
+
+class EventBridgeEvent(BaseModel):
+    """An EventBridge event: a rule's "Scheduled Event", or an ECS "Task State Change"."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    source: str
+    detail_type: str = Field(alias="detail-type")
+    id: Optional[str] = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class EcsTaskStateChange(BaseModel):
+    """The `detail` of an ECS "Task State Change" event (the fields used here)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lastStatus: str
+    taskArn: Optional[str] = None
+    startedBy: Optional[str] = None
+
+
+class HttpRequest(BaseModel):
+    """A Lambda Function URL / API Gateway (payload 2.0 or 1.0) request."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    request_id: str = ""
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> Union["HttpRequest", str]:
+        context = event.get("requestContext") or {}
+        http = context.get("http")
+        if isinstance(http, dict):  # payload 2.0 (Function URL, HTTP API)
+            method, path = str(http.get("method", "")), str(event.get("rawPath") or http.get("path") or "/")
+        else:  # payload 1.0 (REST API)
+            method, path = str(event.get("httpMethod", "")), str(event.get("path") or "/")
+        body = event.get("body") or ""
+        if event.get("isBase64Encoded"):
+            try:
+                raw = base64.b64decode(body, validate=True)
+            except ValueError:
+                return "the body is not valid base64"
+        else:
+            raw = body.encode() if isinstance(body, str) else bytes(body)
+        headers = {str(k): str(v) for k, v in (event.get("headers") or {}).items()}
+        return cls(method=method.upper(), path=path, headers=headers, body=raw,
+                   request_id=str(context.get("requestId") or ""))
 
 
 def is_http_request(event: Any) -> bool:
@@ -172,39 +224,39 @@ def is_http_request(event: Any) -> bool:
     )
 
 
-def request_line(event: dict[str, Any]) -> tuple[str, str]:
-    """(method, path) of a Function URL / API Gateway v2 or v1 request."""
-    http = (event.get("requestContext") or {}).get("http")
-    if isinstance(http, dict):
-        return str(http.get("method", "")).upper(), str(event.get("rawPath") or http.get("path") or "/")
-    return str(event.get("httpMethod", "")).upper(), str(event.get("path") or "/")
-
-
 def trigger_for_event(event: Any) -> Union[Trigger, str]:
     """The trigger an EventBridge / Scheduler event carries, or why it carries none."""
     if not isinstance(event, dict):
         return f"not an event object: {type(event).__name__}"
-    asked = event.get("pushpool")
-    if asked == "tick":
+    if "pushpool" in event:
+        try:
+            asked = SchedulerInput.model_validate(event)
+        except ValidationError:
+            return f"unrecognised event (pushpool {str(event.get('pushpool'))[:40]!r})"
+        return Tick() if asked.pushpool == "tick" else Wake(at=asked.at)
+    try:
+        bridged = EventBridgeEvent.model_validate(event)
+    except ValidationError:
+        return f"unrecognised event (source {event.get('source')!r}, detail-type {event.get('detail-type')!r})"
+    if bridged.detail_type == "Scheduled Event":
         return Tick()
-    if asked == "wake":
-        return Wake()
-    detail_type = event.get("detail-type")
-    if detail_type == "Scheduled Event":
-        return Tick()
-    if detail_type == ECS_TASK_STATE_CHANGE and event.get("source") == "aws.ecs":
-        return _ecs_task_stopped(event.get("detail") or {})
-    return f"unrecognised event (source {event.get('source')!r}, detail-type {detail_type!r})"
+    if bridged.detail_type == ECS_TASK_STATE_CHANGE and bridged.source == "aws.ecs":
+        return _ecs_task_stopped(bridged.detail)
+    return f"unrecognised event (source {bridged.source!r}, detail-type {bridged.detail_type!r})"
 
 
 def _ecs_task_stopped(detail: dict[str, Any]) -> Union[InfrastructureStopped, str]:
-    if detail.get("lastStatus") != "STOPPED":
-        return f"ECS task is {detail.get('lastStatus')!r}, not STOPPED"
     try:
-        flow_run_id = UUID(str(detail.get("startedBy") or ""))
+        change = EcsTaskStateChange.model_validate(detail)
+    except ValidationError:
+        return "ECS task state change without a lastStatus"
+    if change.lastStatus != "STOPPED":
+        return f"ECS task is {change.lastStatus!r}, not STOPPED"
+    try:
+        flow_run_id = UUID(change.startedBy or "")
     except ValueError:
         return "ECS task was not started by pushpool (its startedBy is not a flow run id)"
-    return InfrastructureStopped(flow_run_id=flow_run_id, infrastructure=detail.get("taskArn"))
+    return InfrastructureStopped(flow_run_id=flow_run_id, infrastructure=change.taskArn)
 
 
 # ---------------------------------------------------------------- replies and metrics

@@ -19,7 +19,7 @@ trigger only says "look now".
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
 from uuid import UUID
@@ -54,6 +54,7 @@ MAX_BATCHES_PER_POOL = 50  # bounds one sweep's time (50 × 200 runs)
 class SweepSummary(BaseModel):
     runs: list[RunResult] = Field(default_factory=list)
     pools: list[str] = Field(default_factory=list)
+    prefetch_seconds: dict[str, float] = Field(default_factory=dict, description="per swept pool")
 
     def count(self, outcome: RunOutcome) -> int:
         return sum(1 for run in self.runs if run.outcome == outcome)
@@ -110,19 +111,18 @@ class Dispatcher:
         pools = await self.served_pools(invocation, pool_names)
         summary = SweepSummary(pools=[pool.name for pool in pools])
         sweep = _Sweep(invocation)
+        for pool in pools:
+            try:
+                summary.prefetch_seconds[pool.name] = invocation.prefetch_seconds(pool)
+            except UnknownPushType:
+                pass
         for pool_results in await asyncio.gather(*(sweep.pool(pool) for pool in pools)):
             summary.runs.extend(pool_results)
         return summary
 
     async def cancel(self, flow_run_id: UUID) -> Optional[RunResult]:
         """Cancel one run if it is CANCELLING in a served push pool (else None)."""
-        invocation = self.invocation()
-        found = await self._served_run(invocation, flow_run_id)
-        if found is None:
-            return None
-        pool, run = found
-        with log_context(flow_run_id=run.id, pool=pool.name):
-            return await cancel_flow_run(invocation, pool, run)
+        return await self._for_served_run(flow_run_id, cancel_flow_run)
 
     async def reconcile(self, pool_names: Optional[Iterable[str]] = None) -> ReconcileSummary:
         invocation = self.invocation()
@@ -132,13 +132,23 @@ class Dispatcher:
     async def infrastructure_stopped(self, flow_run_id: UUID) -> Optional[RunResult]:
         """Settle a run whose infrastructure is said to have stopped (a hint:
         the run and its infrastructure are read again before anything changes)."""
+        return await self._for_served_run(
+            flow_run_id, lambda invocation, pool, run: Reconciler(invocation).check_infrastructure(pool, run)
+        )
+
+    async def _for_served_run(
+        self,
+        flow_run_id: UUID,
+        act: Callable[[Invocation, WorkPool, FlowRun], Awaitable[Optional[RunResult]]],
+    ) -> Optional[RunResult]:
+        """`act` on the run, read from the API, if it is in a pool this dispatcher serves."""
         invocation = self.invocation()
         found = await self._served_run(invocation, flow_run_id)
         if found is None:
             return None
         pool, run = found
         with log_context(flow_run_id=run.id, pool=pool.name):
-            return await Reconciler(invocation).check_infrastructure(pool, run)
+            return await act(invocation, pool, run)
 
     # ------------------------------------------------------------ what is served
 
@@ -229,7 +239,7 @@ class _Sweep:
         return results
 
     async def _due_runs(self, pool: WorkPool) -> list[FlowRun]:
-        before = self.inv.clock() + timedelta(seconds=self.inv.settings.prefetch_seconds)
+        before = self.inv.clock() + timedelta(seconds=self.inv.prefetch_seconds(pool))
         scheduled = await self.client.get_scheduled_flow_runs(pool.name, scheduled_before=before)
         runs = []
         for item in scheduled:

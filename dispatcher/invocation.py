@@ -107,6 +107,12 @@ class Invocation:
             self._providers[push_type] = self.registry.create(push_type)
         return self._providers[push_type]
 
+    def prefetch_seconds(self, pool: WorkPool) -> float:
+        """How far ahead of their time this pool's runs are claimed."""
+        if self.settings.prefetch_seconds is not None:
+            return self.settings.prefetch_seconds
+        return type(self.provider(pool)).default_prefetch_seconds
+
     async def job_configuration(self, pool: WorkPool, run: FlowRun) -> JobConfiguration:
         """The run's rendered configuration (raises `TemplateError`, `ObjectNotFound`, ...)."""
         deployment = await self.deployment(run.deployment_id) if run.deployment_id else None

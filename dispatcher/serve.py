@@ -38,6 +38,8 @@ TIMER_RESOLUTION = 0.5
 class LocalWakeups:
     """Wake-ups for an in-process loop: remembered, and slept until."""
 
+    horizon_margin_seconds = 0.0
+
     def __init__(self) -> None:
         self.times: list[datetime] = []
 
@@ -59,6 +61,7 @@ async def serve(
     interval: float,
     stop: asyncio.Event,
     use_events: bool = True,
+    use_wakeups: bool = True,
     registry: Optional[ProviderRegistry] = None,
     on_trigger: Optional[Callable[[TriggerResult], None]] = None,
 ) -> None:
@@ -76,7 +79,7 @@ async def serve(
                 for trigger in _merge(first, queue):
                     result = await run_trigger(
                         trigger, settings, registry=registry, client=client,
-                        wakeups=wakeups if isinstance(trigger, Tick) else None,
+                        wakeups=wakeups if use_wakeups and isinstance(trigger, Tick) else None,
                     )
                     if on_trigger is not None:
                         on_trigger(result)

@@ -20,7 +20,10 @@ class Settings(BaseModel):
     pools: list[str] = Field(
         default_factory=list, description="PUSHPOOL_POOLS: pool names; empty = every push pool"
     )
-    prefetch_seconds: float = Field(10.0, ge=0, description="PUSHPOOL_PREFETCH_SECONDS")
+    prefetch_seconds: Optional[float] = Field(
+        None, ge=0, description="PUSHPOOL_PREFETCH_SECONDS: claim runs due within this many seconds; "
+        "unset = each backend's typical container start time (Provider.default_prefetch_seconds)"
+    )
     webhook_secret: Optional[SecretStr] = Field(None, description="PUSHPOOL_WEBHOOK_SECRET")
     max_concurrency: int = Field(8, ge=1, le=512, description="PUSHPOOL_MAX_CONCURRENCY")
     pending_timeout_seconds: float = Field(

@@ -15,12 +15,13 @@ API, so a forged or replayed trigger can never run anything that is not due.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Annotated, Literal, Optional, Union
 from uuid import UUID
 
 from pydantic import BaseModel, Field
 
-from dispatcher.dispatch import Dispatcher, RunOutcome
+from dispatcher.dispatch import Dispatcher, RunOutcome, SweepSummary
 from dispatcher.logs import get_logger
 from dispatcher.prefect_client import PrefectAPIError, PrefectClient, PrefectUnreachable
 from dispatcher.settings import Settings
@@ -29,6 +30,9 @@ from providers.registry import ProviderRegistry
 
 logger = get_logger(__name__)
 
+#: a Wake that arrives early (EventBridge Scheduler's 60 s precision) waits at most this long
+MAX_WAKE_WAIT_SECONDS = 150.0
+
 
 class Tick(BaseModel):
     kind: Literal["tick"] = "tick"
@@ -36,6 +40,7 @@ class Tick(BaseModel):
 
 class Wake(BaseModel):
     kind: Literal["wake"] = "wake"
+    at: Optional[datetime] = Field(None, description="sweep at this moment (wait until then if woken early)")
 
 
 class RunScheduled(BaseModel):
@@ -107,6 +112,10 @@ async def run_trigger(
 async def _dispatch(
     trigger: Trigger, dispatcher: Dispatcher, result: TriggerResult, wakeups: Optional[Wakeups]
 ) -> None:
+    if isinstance(trigger, Wake) and trigger.at is not None:
+        wait = (trigger.at - dispatcher.clock()).total_seconds()
+        if wait > 0:
+            await asyncio.sleep(min(wait, MAX_WAKE_WAIT_SECONDS))
     if isinstance(trigger, (Tick, Wake, RunScheduled)):
         pools = None
         if isinstance(trigger, RunScheduled):
@@ -122,7 +131,7 @@ async def _dispatch(
         result.cancelled, result.skipped = sweep.cancelled, sweep.skipped
         result.dispatch_latency_seconds = [r.latency_seconds for r in sweep.runs if r.latency_seconds is not None]
         if wakeups is not None and not isinstance(trigger, RunScheduled):
-            result.wakeups = await _arrange_wakeups(dispatcher, sweep.pools, wakeups)
+            result.wakeups = await _arrange_wakeups(dispatcher, sweep, wakeups)
         if isinstance(trigger, Tick):
             reconciled = await dispatcher.reconcile()
             result.resubmitted = reconciled.resubmitted
@@ -138,11 +147,13 @@ async def _dispatch(
         setattr(result, cancelled.outcome.value, getattr(result, cancelled.outcome.value) + 1)
 
 
-async def _arrange_wakeups(dispatcher: Dispatcher, pools: list[str], wakeups: Wakeups) -> list[str]:
-    settings = dispatcher.settings
+async def _arrange_wakeups(dispatcher: Dispatcher, sweep: SweepSummary, wakeups: Wakeups) -> list[str]:
     now = dispatcher.clock()
-    due = await upcoming_due_times(
-        dispatcher.client, pools, now=now, tick_seconds=settings.tick_seconds, prefetch_seconds=settings.prefetch_seconds
-    )
-    times = wake_times(due, now=now, tick_seconds=settings.tick_seconds, prefetch_seconds=settings.prefetch_seconds)
-    return await asyncio.to_thread(wakeups.arrange, times) if times else []
+    horizon = dispatcher.settings.tick_seconds + wakeups.horizon_margin_seconds
+    times: set[datetime] = set()
+    for pool, prefetch in sweep.prefetch_seconds.items():
+        due = await upcoming_due_times(
+            dispatcher.client, [pool], now=now, horizon_seconds=horizon, prefetch_seconds=prefetch
+        )
+        times.update(wake_times(due, now=now, horizon_seconds=horizon, prefetch_seconds=prefetch))
+    return await asyncio.to_thread(wakeups.arrange, sorted(times)) if times else []

@@ -4,9 +4,15 @@ Runs created by a deployment's schedule emit no event on the OSS server, so
 only the timer finds them, and EventBridge's finest rate is one minute. A run
 due 50 s after a tick would start ~50 s late at the next tick. So each tick
 looks ahead: for every run that becomes claimable (due − prefetch) before the
-next tick, it arranges a one-time sweep at that moment. The Lambda arranges
-them as EventBridge Scheduler one-time `at()` schedules that delete themselves
-after use; `pushpool dispatch` just sleeps until the earliest one.
+next tick, it arranges a sweep at that moment.
+
+`pushpool dispatch` just sleeps until then. The Lambda arranges EventBridge
+Scheduler one-time `at()` schedules that delete themselves after use — but
+EventBridge Scheduler invokes targets with 60-second precision (a schedule
+`at(12:00:00)` fires between 12:00:00 and 12:00:59). So the schedule is set
+in the minute before the moment, carries the moment in its input
+(`{"pushpool": "wake", "at": "..."}`), and the woken invocation waits the
+remaining seconds (at most ~2 minutes) before it sweeps.
 """
 
 from __future__ import annotations
@@ -21,37 +27,36 @@ from dispatcher.prefect_client import PrefectAPIError, PrefectClient, PrefectUnr
 
 logger = get_logger(__name__)
 
-#: wake-ups closer together than this are merged into one (the earlier)
-WAKE_RESOLUTION = timedelta(seconds=5)
-#: a wake-up this close to now is pointless: the sweep that just ran covers it
-MIN_LEAD = timedelta(seconds=2)
-WAKE_INPUT = json.dumps({"pushpool": "wake"})
+#: EventBridge Scheduler fires a schedule somewhere in the minute it names
+SCHEDULER_PRECISION = timedelta(seconds=60)
 SCHEDULE_NAME_PREFIX = "pushpool-wake-"
 
 
 def wake_times(
-    due_times: Iterable[datetime], *, now: datetime, tick_seconds: float, prefetch_seconds: float
+    due_times: Iterable[datetime], *, now: datetime, horizon_seconds: float, prefetch_seconds: float
 ) -> list[datetime]:
-    """When to sweep again before the next tick so that every run in
-    `due_times` is claimed `prefetch_seconds` before it is due."""
-    next_tick = now + timedelta(seconds=tick_seconds)
+    """When to sweep again, within `horizon_seconds` from now, so that every run
+    in `due_times` is claimed as soon as it is `prefetch_seconds` from due (to
+    the next whole second; runs whose moments fall in the same second share one)."""
+    horizon = now + timedelta(seconds=horizon_seconds)
     prefetch = timedelta(seconds=prefetch_seconds)
-    wanted = sorted(due - prefetch for due in due_times if now + MIN_LEAD < due - prefetch < next_tick)
-    merged: list[datetime] = []
-    for at in wanted:
-        if not merged or at - merged[-1] >= WAKE_RESOLUTION:
-            merged.append(at)
-    return merged
+    moments = {_ceil_to_second(due - prefetch) for due in due_times}
+    return sorted(at for at in moments if now < at <= horizon)
+
+
+def _ceil_to_second(moment: datetime) -> datetime:
+    floor = moment.replace(microsecond=0)
+    return floor if floor == moment else floor + timedelta(seconds=1)
 
 
 async def upcoming_due_times(
-    client: PrefectClient, pool_names: Iterable[str], *, now: datetime, tick_seconds: float, prefetch_seconds: float
+    client: PrefectClient, pool_names: Iterable[str], *, now: datetime, horizon_seconds: float, prefetch_seconds: float
 ) -> list[datetime]:
     """Scheduled times of runs that the sweep just done could not claim yet
-    but that become due before the next tick (one API call per pool; the
-    server returns nothing for a paused pool)."""
+    but that become claimable within `horizon_seconds` (one API call per pool;
+    the server returns nothing for a paused pool)."""
     after = now + timedelta(seconds=prefetch_seconds)
-    before = after + timedelta(seconds=tick_seconds)
+    before = after + timedelta(seconds=horizon_seconds)
     times: list[datetime] = []
     for name in pool_names:
         try:
@@ -70,14 +75,20 @@ async def upcoming_due_times(
 class Wakeups(Protocol):
     """Arranges sweeps at given times; returns what it arranged."""
 
+    #: how much later than `tick_seconds` the next tick may come
+    horizon_margin_seconds: float
+
     def arrange(self, times: Iterable[datetime]) -> list[str]: ...
 
 
 class EventBridgeWakeups:
     """One-time EventBridge Scheduler schedules that invoke `target_arn` (the
-    dispatcher's own Lambda) with `{"pushpool": "wake"}` and then delete
-    themselves. Named by their time, so two ticks arranging the same wake-up
-    create one schedule."""
+    dispatcher's own Lambda) with `{"pushpool": "wake", "at": <moment>}` in
+    the minute before the moment, then delete themselves. Named by their
+    moment, so two ticks arranging the same wake-up create one schedule."""
+
+    #: how far ahead of the next tick a tick must look: the tick itself may come late by this much
+    horizon_margin_seconds = SCHEDULER_PRECISION.total_seconds()
 
     def __init__(self, *, target_arn: str, role_arn: str, group: str = "default", client: Any = None):
         self.target_arn, self.role_arn, self.group = target_arn, role_arn, group
@@ -102,16 +113,17 @@ class EventBridgeWakeups:
         names = []
         for at in times:
             name = self.schedule_name(at)
-            when = at.astimezone(timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()
+            fire = schedule_minute(at)
+            payload = json.dumps({"pushpool": "wake", "at": at.astimezone(timezone.utc).isoformat()})
             try:
                 self.client.create_schedule(
                     Name=name,
                     GroupName=self.group,
-                    ScheduleExpression=f"at({when})",
+                    ScheduleExpression=f"at({fire.replace(tzinfo=None).isoformat()})",
                     ScheduleExpressionTimezone="UTC",
                     FlexibleTimeWindow={"Mode": "OFF"},
                     ActionAfterCompletion="DELETE",
-                    Target={"Arn": self.target_arn, "RoleArn": self.role_arn, "Input": WAKE_INPUT},
+                    Target={"Arn": self.target_arn, "RoleArn": self.role_arn, "Input": payload},
                     Description="pushpool: sweep when a scheduled flow run becomes due",
                 )
             except ClientError as exc:
@@ -123,6 +135,12 @@ class EventBridgeWakeups:
                 continue
             names.append(name)
         return names
+
+
+def schedule_minute(moment: datetime) -> datetime:
+    """The `at()` time whose firing minute ends before `moment`: the start of
+    the minute that contains `moment − 60 s`."""
+    return (moment.astimezone(timezone.utc) - SCHEDULER_PRECISION).replace(second=0, microsecond=0)
 
 
 def wakeups_from_environment(environ: dict[str, str], function_arn: Optional[str]) -> Optional[EventBridgeWakeups]:

@@ -72,6 +72,10 @@ class Provider(ABC):
     configuration_model: ClassVar[type[JobConfiguration]] = JobConfiguration
     #: the command a run gets when its configuration sets none (Prefect's worker default)
     default_command: ClassVar[str] = "prefect flow-run execute"
+    #: how long before a run is due to launch it when PUSHPOOL_PREFETCH_SECONDS is not set:
+    #: about the time this backend takes to start a container. Prefect holds a run that
+    #: starts early until its scheduled time, so launching early costs only idle seconds.
+    default_prefetch_seconds: ClassVar[float] = 10.0
 
     @classmethod
     def default_base_job_template(cls) -> dict[str, Any]:

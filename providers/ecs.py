@@ -576,6 +576,8 @@ class EcsProvider(Provider):
     push_types: ClassVar[tuple[str, ...]] = ("ecs:push",)
     template_file: ClassVar[str] = "ecs.json"
     configuration_model: ClassVar[type[JobConfiguration]] = EcsJobConfiguration
+    #: a Fargate task typically takes 30–60 s from RunTask to a running container
+    default_prefetch_seconds: ClassVar[float] = 45.0
 
     def __init__(
         self,

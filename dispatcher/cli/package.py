@@ -52,6 +52,14 @@ def aws_lambda(
             help="Bundle a pinned boto3/botocore (default), or use the Lambda runtime's own",
         ),
     ] = True,
+    compile_bytecode: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile bytecode into the zip (halves the cold import); default: when this Python is the "
+            "target's version",
+        ),
+    ] = None,
 ) -> None:
     """Build the AWS Lambda zip (handler: dispatcher.aws_lambda.handler)."""
     options = _options(
@@ -60,8 +68,10 @@ def aws_lambda(
         architecture=architecture,
         python_version=python_version,
         include_boto3=include_boto3,
+        compile_bytecode=compile_bytecode,
     )
     try:
+        options.bytecode  # noqa: B018 - refuses --compile for another Python version before pip runs
         with console.status(f"Installing the dependencies for {options.target} with pip…") as status:
             build = build_lambda_zip(options, progress=lambda line: status.update(escape(line)))
     except PackagingError as exc:
@@ -71,7 +81,7 @@ def aws_lambda(
     console.print(
         f"Built {escape(str(build.path))}: {build.size_mib:.2f} MiB ({build.size_bytes:,} bytes), "
         f"{build.file_count:,} files, for {options.target}; providers: {', '.join(options.providers)}; "
-        f"boto3: {boto3}."
+        f"boto3: {boto3}; bytecode: {'compiled' if build.bytecode else 'none (compiled at each cold start)'}."
     )
     console.print(f"sha256 {build.sha256}")
     if build.size_bytes > DIRECT_UPLOAD_LIMIT_BYTES:

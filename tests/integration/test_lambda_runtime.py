@@ -134,6 +134,7 @@ def lambda_env(prefect_server, moto_server, monkeypatch, unique_name):
         "AWS_DEFAULT_REGION": "us-east-1",
         "PUSHPOOL_POOLS": unique_name,
         "PUSHPOOL_PENDING_TIMEOUT_SECONDS": "0.5",
+        "PUSHPOOL_PREFETCH_SECONDS": "10",
     }.items():
         monkeypatch.setenv(key, value)
     for key in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "PUSHPOOL_WEBHOOK_SECRET", "AWS_PROFILE"):
@@ -211,24 +212,35 @@ def test_a_tick_arranges_an_exact_time_wake_up_for_a_run_due_before_the_next_tic
     monkeypatch.setenv("PUSHPOOL_WAKE_ROLE_ARN", "arn:aws:iam::123456789012:role/pushpool-scheduler")
     monkeypatch.setenv("PUSHPOOL_WAKE_GROUP", group)
     pool, deployment = ecs_pool()
-    [soon] = new_runs(lambda_env, deployment, 1, scheduled_in=timedelta(seconds=40))
+    [soon] = new_runs(lambda_env, deployment, 1, scheduled_in=timedelta(seconds=14))
 
     result = invoke(scheduler_tick())
 
     assert result["submitted"] == 0, result  # not due within the 10 s prefetch yet
     [name] = result["wakeups"]
     schedule = scheduler.get_schedule(Name=name, GroupName=group)
-    assert schedule["ScheduleExpression"].startswith("at(")
     assert schedule["ActionAfterCompletion"] == "DELETE"
     assert schedule["Target"]["Arn"] == FUNCTION_ARN
-    assert json.loads(schedule["Target"]["Input"]) == {"pushpool": "wake"}
-    woken_at = datetime.fromisoformat(schedule["ScheduleExpression"][3:-1]).replace(tzinfo=timezone.utc)
+    payload = json.loads(schedule["Target"]["Input"])
+    assert payload["pushpool"] == "wake"
+    moment = datetime.fromisoformat(payload["at"])
     due = run(read_run(lambda_env, soon.id)).next_scheduled_start_time
-    # Woken when the run enters the prefetch window (10 s before it is due).
-    assert abs((due - timedelta(seconds=10) - woken_at).total_seconds()) <= 6
+    # The moment the run enters the prefetch window (10 s before it is due)...
+    assert timedelta(0) <= moment - (due - timedelta(seconds=10)) < timedelta(seconds=1)
+    # ...and a schedule that fires (somewhere in its minute: 60 s precision) before it.
+    assert schedule["ScheduleExpression"].startswith("at(")
+    fires = datetime.fromisoformat(schedule["ScheduleExpression"][3:-1]).replace(tzinfo=timezone.utc)
+    assert fires.second == 0 and fires + timedelta(seconds=60) <= moment
 
-    # The same tick again arranges the same wake-up, not a second one.
-    assert invoke(scheduler_tick())["wakeups"] == [name]
+    # What EventBridge Scheduler then sends: the woken invocation waits for the moment and claims the run.
+    woken = invoke(payload)
+    assert woken["trigger"] == "wake" and woken["submitted"] == 1, woken
+    claimed = run(read_run(lambda_env, soon.id))
+    pending = claimed.state.timestamp
+    assert pending >= moment - timedelta(seconds=0.5)
+
+    # The same tick again arranges nothing new (the run is claimed; the schedule stays one).
+    invoke(scheduler_tick())
     names = [s["Name"] for s in scheduler.list_schedules(GroupName=group)["Schedules"]]
     assert names == [name]
 
@@ -489,3 +501,78 @@ def test_an_unreadable_secret_is_a_clear_error_not_a_crash(lambda_env, monkeypat
     monkeypatch.setenv("PUSHPOOL_SECRETS_ARN", "arn:aws:secretsmanager:us-east-1:123456789012:secret:missing-AbCdEf")
     result = invoke(scheduler_tick())
     assert "could not read PUSHPOOL_SECRETS_ARN" in result["error"]
+
+
+def test_a_run_whose_cancellation_the_server_timed_out_still_gets_its_task_stopped(
+    lambda_env, ecs_pool, moto_server, unique_name
+):
+    """Prefect's server marks a run CANCELLING for 300 s Cancelled by itself, and
+    for :push pools it stops nothing: the reconciler stops the task, once."""
+    from dispatcher.cancellation import INFRASTRUCTURE_STOPPED_LABEL
+
+    pool, deployment = ecs_pool()
+    [flow_run] = new_runs(lambda_env, deployment, 1)
+    invoke(scheduler_tick())
+    run(set_state(lambda_env, flow_run.id, StateType.RUNNING))
+
+    async def time_out():
+        async with client_for(lambda_env) as client:
+            await client.set_flow_run_state(
+                flow_run.id,
+                StateProposal(
+                    type=StateType.CANCELLED, name="Cancelled",
+                    message="Flow run cancellation timed out; marked this flow run as Cancelled.",
+                ),
+                force=True,
+            )
+
+    run(time_out())
+    [task] = tasks_in(moto_server, unique_name)
+    assert task["lastStatus"] != "STOPPED"
+
+    invoke(scheduler_tick())
+
+    [task] = tasks_in(moto_server, unique_name)
+    assert task["lastStatus"] == "STOPPED"
+    after = run(read_run(lambda_env, flow_run.id))
+    assert after.current_state_type == StateType.CANCELLED
+    assert after.labels[INFRASTRUCTURE_STOPPED_LABEL] == "true"
+
+
+def test_a_crashed_tasks_message_ends_with_the_last_lines_of_its_cloudwatch_log_stream(
+    lambda_env, ecs_pool, moto_server, unique_name
+):
+    with FaultProxy(upstream=moto_server.endpoint_url) as proxy:
+        proxy.add_rule(match_headers=ecs_target("DescribeTasks"), rewrite=exit_code_rewriter(1, "exited"))
+        pool, deployment = ecs_pool(
+            endpoint_url=proxy.url,
+            configure_cloudwatch_logs=True,
+            cloudwatch_logs_prefix=unique_name,
+            execution_role_arn="arn:aws:iam::123456789012:role/prefect-ecs-execution-role",
+        )
+        [flow_run] = new_runs(lambda_env, deployment, 1)
+        invoke(scheduler_tick())
+        [task] = tasks_in(moto_server, unique_name)
+        logs = moto_server.client("logs")
+        stream = f"{unique_name}/prefect/{task['taskArn'].rsplit('/', 1)[-1]}"
+        try:
+            logs.create_log_group(logGroupName="prefect")
+        except logs.exceptions.ResourceAlreadyExistsException:
+            pass
+        logs.create_log_stream(logGroupName="prefect", logStreamName=stream)
+        now_ms = int(time.time() * 1000)
+        logs.put_log_events(
+            logGroupName="prefect",
+            logStreamName=stream,
+            logEvents=[
+                {"timestamp": now_ms, "message": "Traceback (most recent call last):"},
+                {"timestamp": now_ms + 1, "message": "ModuleNotFoundError: No module named 'pandas'"},
+            ],
+        )
+        moto_server.client("ecs").stop_task(cluster=unique_name, task=task["taskArn"], reason="Essential container in task exited")
+
+        invoke(ecs_task_state_change(task, exit_code=1))
+
+    message = run(read_run(lambda_env, flow_run.id)).state.message
+    assert "exit code 1" in message
+    assert "last log lines: Traceback (most recent call last): | ModuleNotFoundError: No module named 'pandas'" in message

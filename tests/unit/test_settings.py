@@ -1,3 +1,4 @@
+import uuid
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,20 @@ def test_invalid_numbers_are_refused():
 def test_pushpool_home():
     assert pushpool_home({"PUSHPOOL_HOME": "/x/y"}) == Path("/x/y")
     assert pushpool_home({"XDG_DATA_HOME": "/data", "HOME": "/h"}) == Path("/data/pushpool")
+
+
+def test_without_a_prefetch_setting_each_backend_claims_its_container_start_time_ahead():
+    from dispatcher.invocation import Invocation
+    from dispatcher.logs import Redactor
+    from dispatcher.models import WorkPool
+    from providers.registry import ProviderRegistry
+
+    def prefetch(settings: Settings, pool_type: str) -> float:
+        invocation = Invocation(
+            None, settings, registry=ProviderRegistry(load_entry_points=False), redactor=Redactor(), clock=None
+        )
+        return invocation.prefetch_seconds(WorkPool(id=uuid.uuid4(), name="p", type=pool_type))
+
+    assert prefetch(Settings(), "ecs:push") == 45
+    assert prefetch(Settings(), "process:push") == 10
+    assert prefetch(Settings(prefetch_seconds=3), "ecs:push") == 3
