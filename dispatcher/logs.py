@@ -76,8 +76,13 @@ class _ContextFilter(logging.Filter):
                 setattr(record, key, self.redactor.redact(value))
         if record.exc_info and record.exc_info[1] is not None:
             # Render the traceback now, redacted, instead of leaving it to the formatter.
-            record.exc_text = self.redactor.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
+        if record.exc_text:
+            # Also when another handler's filter rendered it first, with what it knew.
+            record.exc_text = self.redactor.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.redact(record.stack_info)
         return True
 
 

@@ -6,7 +6,7 @@ stream instead of EventBridge and automations.
   submissions, dead infrastructure, maximum run times), and look ahead for runs
   that become due before the next tick — the loop wakes at those moments
   instead of waiting for the tick (`dispatcher.wakeups`);
-- a `Scheduled` event about a served push pool: sweep now;
+- a `Scheduled` (or `Late`) event about a served push pool: sweep now;
 - a `Cancelling` event: cancel that run now.
 
 The timer is not optional: runs created by a deployment's schedule emit no
@@ -26,12 +26,12 @@ from dispatcher.logs import get_logger
 from dispatcher.prefect_client import PrefectClient
 from dispatcher.settings import Settings
 from dispatcher.triggers import RunCancelling, Tick, Trigger, TriggerResult, Wake, run_trigger
-from dispatcher.webhook import CANCELLING_EVENT, SCHEDULED_EVENT
+from dispatcher.webhook import CANCELLING_EVENT, LATE_EVENT, SCHEDULED_EVENT
 from providers.registry import ProviderRegistry
 
 logger = get_logger(__name__)
 
-WAKE_EVENTS = (SCHEDULED_EVENT, CANCELLING_EVENT)
+WAKE_EVENTS = (SCHEDULED_EVENT, LATE_EVENT, CANCELLING_EVENT)
 TIMER_RESOLUTION = 0.5
 
 

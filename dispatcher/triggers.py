@@ -139,12 +139,13 @@ async def _dispatch(
             result.cancelled += reconciled.count(RunOutcome.CANCELLED)
         return
     if isinstance(trigger, RunCancelling):
-        cancelled = await dispatcher.cancel(trigger.flow_run_id)
+        settled = await dispatcher.cancel(trigger.flow_run_id)
     else:
-        cancelled = await dispatcher.infrastructure_stopped(trigger.flow_run_id)
-    if cancelled is not None:
-        result.pools = [cancelled.pool]
-        setattr(result, cancelled.outcome.value, getattr(result, cancelled.outcome.value) + 1)
+        settled = await dispatcher.infrastructure_stopped(trigger.flow_run_id)
+    if settled is not None:
+        result.pools = [settled.pool]
+        outcome = settled.outcome.value  # submitted | crashed | skipped | cancelled: a counter of the result
+        setattr(result, outcome, getattr(result, outcome) + 1)
 
 
 async def _arrange_wakeups(dispatcher: Dispatcher, sweep: SweepSummary, wakeups: Wakeups) -> list[str]:
