@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart test bench reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(VENV)/tools-checkov/.installed: | $(VENV)/.installed-dev
 
 test: $(VENV)/.installed-dev $(VENV)/tools-checkov/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The reliability suite at full size (`make test` runs it reduced).
+reliability: $(VENV)/.installed-dev
+	PUSHPOOL_RELIABILITY=full $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.cold_import --runs 10
