@@ -199,29 +199,37 @@ class HttpRequest(BaseModel):
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Union["HttpRequest", str]:
-        context = event.get("requestContext") or {}
+        context = event.get("requestContext")
+        if not isinstance(context, dict):
+            context = {}
         http = context.get("http")
         if isinstance(http, dict):  # payload 2.0 (Function URL, HTTP API)
             method, path = str(http.get("method", "")), str(event.get("rawPath") or http.get("path") or "/")
         else:  # payload 1.0 (REST API)
             method, path = str(event.get("httpMethod", "")), str(event.get("path") or "/")
         body = event.get("body") or ""
+        if not isinstance(body, (str, bytes)):
+            return "the body is not a string"
         if event.get("isBase64Encoded"):
             try:
                 raw = base64.b64decode(body, validate=True)
             except ValueError:
                 return "the body is not valid base64"
         else:
-            raw = body.encode() if isinstance(body, str) else bytes(body)
-        headers = {str(k): str(v) for k, v in (event.get("headers") or {}).items()}
+            raw = body.encode() if isinstance(body, str) else body
+        headers = event.get("headers") or {}
+        if not isinstance(headers, dict):
+            return "the headers are not an object"
+        headers = {str(k): str(v) for k, v in headers.items()}
         return cls(method=method.upper(), path=path, headers=headers, body=raw,
                    request_id=str(context.get("requestId") or ""))
 
 
 def is_http_request(event: Any) -> bool:
-    return isinstance(event, dict) and (
-        "httpMethod" in event or "http" in (event.get("requestContext") or {})
-    )
+    if not isinstance(event, dict):
+        return False
+    context = event.get("requestContext")
+    return "httpMethod" in event or (isinstance(context, dict) and "http" in context)
 
 
 def trigger_for_event(event: Any) -> Union[Trigger, str]:
