@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: quickstart test bench reliability clean
+.PHONY: quickstart test bench reliability postgres clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,17 +30,22 @@ $(VENV)/tools-checkov/.installed: | $(VENV)/.installed-dev
 	$(BIN)/python -m tests.unit.test_terraform install-checkov
 	mkdir -p $(@D) && touch $@
 
-test: $(VENV)/.installed-dev $(VENV)/tools-checkov/.installed
+# PostgreSQL server binaries for the reliability suite (a no-op when present;
+# installs Debian's postgresql when missing, as root; never fatal).
+postgres:
+	sh tests/support/install_postgres.sh
+
+test: $(VENV)/.installed-dev $(VENV)/tools-checkov/.installed postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The reliability suite at full size (`make test` runs it reduced).
-reliability: $(VENV)/.installed-dev
+reliability: $(VENV)/.installed-dev postgres
 	PUSHPOOL_RELIABILITY=full $(BIN)/python -m pytest tests/reliability $(PYTEST_ARGS)
 
+# Every benchmark at full size (the ECS worker they compare with gets its own
+# virtualenv, .venv/bench-worker), then bench/results.png.
 bench: $(VENV)/.installed-dev
-	$(BIN)/python -m bench.cold_import --runs 10
-	$(BIN)/python -m bench.lambda_package --runs 10
-	$(BIN)/python -m bench.scheduled_lateness
+	$(BIN)/python -m bench.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -22,12 +22,13 @@ says, so running it twice, or after a missed trigger, changes nothing more.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from pydantic import BaseModel, Field
 
 from dispatcher.cancellation import cancel_flow_run, stop_after_cancellation_timeout
+from dispatcher.claims import PoolBusy, pool_claim_lock
 from dispatcher.invocation import Invocation, RunOutcome, RunResult
 from dispatcher.logs import get_logger, log_context
 from dispatcher.models import FlowRun, StateProposal, StateType, WorkPool
@@ -41,6 +42,7 @@ from providers.registry import UnknownPushType
 logger = get_logger(__name__)
 
 RESUBMISSIONS_LABEL = "pushpool.io/resubmissions"
+RESUBMITTED_AT_LABEL = "pushpool.io/resubmitted-at"  # the pending timeout restarts from here
 ACTIVE_STATES = [StateType.PENDING.value, StateType.RUNNING.value, StateType.CANCELLING.value]
 #: how far back to look for runs whose cancellation the server timed out
 TIMED_OUT_CANCELLATION_WINDOW = timedelta(hours=1)
@@ -118,7 +120,8 @@ class Reconciler:
     async def _lost_submission(self, pool: WorkPool, run: FlowRun) -> tuple[Optional[RunResult], int]:
         claimed_at = run.state.timestamp if run.state is not None else None
         timeout = timedelta(seconds=self.settings.pending_timeout_seconds)
-        if claimed_at is None or self.inv.clock() - claimed_at < timeout:
+        last_try = max(filter(None, [claimed_at, _time_label(run, RESUBMITTED_AT_LABEL)]), default=None)
+        if claimed_at is None or last_try is None or self.inv.clock() - last_try < timeout:
             return None, 0  # maybe a dispatcher is submitting it right now
         tries = _int_label(run, RESUBMISSIONS_LABEL)
         if tries >= self.settings.max_resubmissions:
@@ -128,8 +131,22 @@ class Reconciler:
                 f"even after {tries} resubmissions: check the dispatcher's logs for this flow run id",
             ), 0
         try:
-            await self.client.update_flow_run_labels(run.id, {RESUBMISSIONS_LABEL: str(tries + 1)})
-        except (PrefectUnreachable, PrefectAPIError) as exc:
+            # Concurrent reconcilers (other dispatchers' ticks) see the same run:
+            # under the pool's claim lock, re-read it and count the resubmission
+            # only if no one else has since, so exactly one of them resubmits.
+            async with pool_claim_lock(self.client, pool.name):
+                current = await self.client.read_flow_run(run.id)
+                if (
+                    current.infrastructure_pid
+                    or current.current_state_type != StateType.PENDING
+                    or _int_label(current, RESUBMISSIONS_LABEL) != tries
+                ):
+                    return None, 0  # launched, moved on, or resubmitted by another dispatcher
+                await self.client.update_flow_run_labels(
+                    run.id,
+                    {RESUBMISSIONS_LABEL: str(tries + 1), RESUBMITTED_AT_LABEL: self.inv.clock().isoformat()},
+                )
+        except (PrefectUnreachable, PrefectAPIError, PoolBusy) as exc:
             logger.warning("could not count the resubmission; not resubmitting now", extra={"error": str(exc)})
             return None, 0
         logger.warning(
@@ -206,6 +223,15 @@ def describe_exit(status: InfrastructureStatus) -> str:
     code = "" if status.exit_code is None else f" with exit code {status.exit_code}"
     reason = f": {status.reason}" if status.reason else ""
     return f"Flow run infrastructure exited{code} while the run was not finished{reason}"
+
+
+def _time_label(run: FlowRun, name: str) -> Optional[datetime]:
+    value = run.labels.get(name)
+    try:
+        moment = datetime.fromisoformat(str(value)) if value else None
+    except ValueError:
+        return None
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _int_label(run: FlowRun, name: str) -> int:

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Optional
 from pydantic import Field, field_validator
 
 from dispatcher.logs import get_logger
-from dispatcher.models import FlowRun
+from dispatcher.models import FlowRun, StateType
 from dispatcher.retries import RetryPolicy
 from providers.base import InfrastructureError, InfrastructureStatus, JobConfiguration, Provider
 
@@ -596,6 +596,9 @@ class EcsProvider(Provider):
         # and the latest revision seen, so the others need no DescribeTaskDefinition.
         self._family_locks: dict[str, threading.Lock] = {}
         self._latest_seen: dict[str, dict[str, Any]] = {}
+        # The network configuration worked out for a VPC (and given subnets), per
+        # credentials: the EC2 look-ups are made once per invocation, not per run.
+        self._networks: dict[str, dict[str, Any]] = {}
 
     # --- the Provider interface ------------------------------------------------------
 
@@ -651,7 +654,7 @@ class EcsProvider(Provider):
                 client_token=client_token_for(flow_run),
             )
             if task_definition.get("networkMode") == "awsvpc" and not request.get("networkConfiguration"):
-                request["networkConfiguration"] = self._network_configuration(aws, configuration)
+                request["networkConfiguration"] = self._cached_network_configuration(aws, configuration)
             response = self._call("ecs:RunTask", lambda: ecs.run_task(**request))
         except AwsCallError as exc:
             if exc.code == "ClusterNotFoundException":
@@ -689,6 +692,12 @@ class EcsProvider(Provider):
         arns = running.get("taskArns") or []
         if arns:
             return self._describe_pid(ecs, cluster, arns[:1])
+        if flow_run.current_state_type != StateType.PENDING:
+            # A fresh claim of a SCHEDULED run: a task of it that already stopped
+            # belongs to an earlier claim (the run was rescheduled after it ended),
+            # so a new one must be launched. Only a resubmission of the same claim
+            # (the run still PENDING) must find what it launched, even if stopped.
+            return None
         stopped = self._call("ecs:ListTasks", lambda: ecs.list_tasks(**base, desiredStatus="STOPPED"))
         arns = stopped.get("taskArns") or []
         if not arns:
@@ -783,6 +792,21 @@ class EcsProvider(Provider):
             raise
 
     # --- network ---------------------------------------------------------------------
+
+    def _cached_network_configuration(self, aws: AwsAccess, configuration: EcsJobConfiguration) -> dict[str, Any]:
+        key = hashlib.sha256(
+            json.dumps(
+                [configuration.aws_credentials or {}, configuration.vpc_id, configuration.network_configuration],
+                sort_keys=True, default=str,
+            ).encode()
+        ).hexdigest()
+        with self._lock:
+            cached = self._networks.get(key)
+        if cached is None:
+            cached = self._network_configuration(aws, configuration)
+            with self._lock:
+                self._networks[key] = cached
+        return copy.deepcopy(cached)
 
     def _network_configuration(self, aws: AwsAccess, configuration: EcsJobConfiguration) -> dict[str, Any]:
         ec2 = aws.client("ec2")

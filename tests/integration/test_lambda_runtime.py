@@ -576,3 +576,24 @@ def test_a_crashed_tasks_message_ends_with_the_last_lines_of_its_cloudwatch_log_
     message = run(read_run(lambda_env, flow_run.id)).state.message
     assert "exit code 1" in message
     assert "last log lines: Traceback (most recent call last): | ModuleNotFoundError: No module named 'pandas'" in message
+
+
+def test_a_crashed_run_that_is_rescheduled_gets_a_new_task(lambda_env, ecs_pool, moto_server, unique_name):
+    """Idempotency is per claim: a resubmission of the same claim finds its task
+    (even stopped), but a run Prefect gave back (CRASHED → SCHEDULED) is launched anew."""
+    pool, deployment = ecs_pool()
+    [flow_run] = new_runs(lambda_env, deployment, 1)
+    invoke(scheduler_tick())
+    [first] = tasks_in(moto_server, unique_name)
+    moto_server.client("ecs").stop_task(cluster=unique_name, task=first["taskArn"], reason="CannotPullContainerError")
+    invoke(scheduler_tick())  # the reconciler: infrastructure exited under a PENDING run
+    assert run(read_run(lambda_env, flow_run.id)).current_state_type == StateType.CRASHED
+
+    assert run(set_state(lambda_env, flow_run.id, StateType.SCHEDULED)).status.value == "ACCEPT"
+    result = invoke(scheduler_tick())
+
+    assert result["submitted"] == 1, result
+    tasks = tasks_in(moto_server, unique_name)
+    assert len(tasks) == 2
+    [second] = [t for t in tasks if t["taskArn"] != first["taskArn"]]
+    assert run(read_run(lambda_env, flow_run.id)).infrastructure_pid.endswith(second["taskArn"])
