@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Optional
 from uuid import UUID, uuid4
 
 from dispatcher.logs import get_logger
@@ -47,8 +48,10 @@ def is_our_claim(state: State | None, transition_id: UUID) -> bool:
     )
 
 
-async def claim(client: PrefectClient, flow_run: FlowRun, *, dispatcher_name: str, claim_token: str) -> bool:
-    """Propose PENDING; True only if this invocation now owns the run."""
+async def claim(
+    client: PrefectClient, flow_run: FlowRun, *, dispatcher_name: str, claim_token: str
+) -> Optional[State]:
+    """Propose PENDING; the PENDING state (the claim) if this invocation now owns the run, else None."""
     transition_id = uuid4()
     proposal = StateProposal(
         type=StateType.PENDING,
@@ -68,18 +71,18 @@ async def claim(client: PrefectClient, flow_run: FlowRun, *, dispatcher_name: st
             logger.error(
                 "could not claim or read back the run; the reconciler will settle it if the claim committed"
             )
-            return False
-        return is_our_claim(current.state, transition_id)
+            return None
+        return current.state if is_our_claim(current.state, transition_id) else None
 
-    if result.status == OrchestrationStatus.ACCEPT:
-        return True
+    if result.status == OrchestrationStatus.ACCEPT and result.state is not None:
+        return result.state
     if is_our_claim(result.state, transition_id):
-        return True  # a retried proposal whose first try had committed
+        return result.state  # a retried proposal whose first try had committed
     logger.debug(
         "not claimed: another dispatcher or worker owns the run",
         extra={"status": result.status.value, "reason": result.details.reason or ""},
     )
-    return False
+    return None
 
 
 def claim_lock_name(pool_name: str) -> str:

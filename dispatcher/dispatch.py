@@ -299,8 +299,11 @@ class _Sweep:
         claimed = await claim(
             self.client, run, dispatcher_name=self.inv.settings.dispatcher_name, claim_token=self.inv.claim_token
         )
-        if not claimed:
+        if claimed is None:
             return RunResult(flow_run_id=run.id, pool=pool.name, outcome=RunOutcome.SKIPPED)
+        # From here the run is what the API now says: PENDING, with this claim,
+        # which providers key their idempotency by.
+        run.state, run.state_type, run.state_name = claimed, claimed.type, claimed.name
         logger.info("claimed flow run")
         return None
 

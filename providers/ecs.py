@@ -59,8 +59,8 @@ MAX_STOP_REASON = 255
 #: how much of a crashed task's CloudWatch log stream a CRASHED message quotes
 LOG_TAIL_LINES = 10
 LOG_TAIL_CHARACTERS = 1000
-#: our own tag: which `run_count` of the flow run a task was launched for
-RUN_COUNT_TAG = "pushpool.io/run-count"
+#: our own tag: the claim (the flow run's PENDING state) a task was launched for
+CLAIM_TAG = "pushpool.io/claim"
 CONCURRENT_REVISION_TEXT = "too many concurrent attempts to create a new revision"
 THROTTLING_CODES = frozenset(
     {"ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequestsException"}
@@ -531,16 +531,28 @@ def build_run_task_request(
     overrides["containerOverrides"] = container_overrides
     request["overrides"] = overrides
 
-    run_count_tag = {RUN_COUNT_TAG: str(flow_run.run_count)}
-    request["tags"] = build_tags(request.get("tags"), configuration.labels, run_count_tag)
+    claim_tag = {CLAIM_TAG: claim_key(flow_run)} if claim_key(flow_run) else {}
+    request["tags"] = build_tags(request.get("tags"), configuration.labels, claim_tag)
     request["clientToken"] = client_token
     request["startedBy"] = str(flow_run.id)[:128]
     return remove_empty(request)
 
 
+def claim_key(flow_run: FlowRun) -> Optional[str]:
+    """Which claim of the run this launch is for: its PENDING state's id (12 hex
+    digits), or None when the run is not held in a claim."""
+    state = flow_run.state
+    if state is None or state.type != StateType.PENDING or state.id is None:
+        return None
+    return state.id.hex[:12]
+
+
 def client_token_for(flow_run: FlowRun) -> str:
-    """The flow run id; a relaunch for a later `run_count` gets its own token."""
-    return str(flow_run.id) if flow_run.run_count <= 0 else f"{flow_run.id}-{flow_run.run_count}"
+    """The flow run id and its claim (≤ 64 characters): a resubmission of the
+    same claim is the same RunTask to AWS; a run Prefect gave back and that is
+    claimed again is launched anew."""
+    key = claim_key(flow_run)
+    return f"{flow_run.id}-{key}" if key else str(flow_run.id)
 
 
 def explain_stopped_task(task: dict[str, Any], container_name: Optional[str]) -> tuple[Optional[int], str]:
@@ -684,7 +696,9 @@ class EcsProvider(Provider):
         )
 
     def _existing_task(self, ecs: Any, cluster: Optional[str], flow_run: FlowRun) -> Optional[tuple[str, str]]:
-        """A task this flow run already has, for its current `run_count`: (cluster arn, task arn)."""
+        """A task this flow run already has: (cluster arn, task arn). Any running
+        one (never two at once); a stopped one only if launched for this very
+        claim (a resubmission finds what it launched; a new claim launches anew)."""
         base = {"startedBy": str(flow_run.id)[:128]}
         if cluster:
             base["cluster"] = cluster
@@ -692,11 +706,8 @@ class EcsProvider(Provider):
         arns = running.get("taskArns") or []
         if arns:
             return self._describe_pid(ecs, cluster, arns[:1])
-        if flow_run.current_state_type != StateType.PENDING:
-            # A fresh claim of a SCHEDULED run: a task of it that already stopped
-            # belongs to an earlier claim (the run was rescheduled after it ended),
-            # so a new one must be launched. Only a resubmission of the same claim
-            # (the run still PENDING) must find what it launched, even if stopped.
+        key = claim_key(flow_run)
+        if key is None:
             return None
         stopped = self._call("ecs:ListTasks", lambda: ecs.list_tasks(**base, desiredStatus="STOPPED"))
         arns = stopped.get("taskArns") or []
@@ -708,9 +719,7 @@ class EcsProvider(Provider):
         )
         for task in described.get("tasks") or []:
             tags = {t.get("key"): t.get("value") for t in task.get("tags") or []}
-            launched_for = tags.get(RUN_COUNT_TAG)
-            # A stopped task counts unless Prefect has run the flow run since it was launched.
-            if launched_for is None or not launched_for.isdigit() or int(launched_for) >= flow_run.run_count:
+            if tags.get(CLAIM_TAG) == key:
                 return task["clusterArn"], task["taskArn"]
         return None
 

@@ -27,8 +27,6 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 

@@ -1,4 +1,5 @@
-"""The benchmarks' harness, run at a tiny size so it cannot rot. Numbers are
+"""The benchmarks' harness, run at a tiny size so it cannot rot (in its own
+folder so it runs after the timing-sensitive integration tests). Numbers are
 recorded by the benchmarks (bench/RESULTS.md), never asserted here."""
 
 from __future__ import annotations
