@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Optional, TypeVar
@@ -142,13 +143,17 @@ class PrefectClient:
         """Send a request, retrying transient failures; raise on any error answer."""
         path = path.lstrip("/")
         attempts = attempts or self.retry_policy.attempts
+        # Retries stop at the deadline too: a server whose database stays locked
+        # (SQLite waits up to 60 s a write) must not hold one call for minutes.
+        deadline = time.monotonic() + self.retry_policy.deadline_seconds
         for attempt in range(1, attempts + 1):
+            last = attempt == attempts or time.monotonic() >= deadline
             try:
                 response = await self._http.request(method, path, json=json, params=params)
             except httpx.TransportError as exc:
-                if attempt == attempts:
+                if last:
                     raise PrefectUnreachable(
-                        f"Prefect API {method} /{path} failed after {attempts} tries: "
+                        f"Prefect API {method} /{path} failed after {attempt} tries: "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
                 delay = self.retry_policy.delay(attempt)
@@ -159,7 +164,7 @@ class PrefectClient:
                 await asyncio.sleep(delay)
                 continue
 
-            if response.status_code in RETRYABLE_STATUS and attempt < attempts:
+            if response.status_code in RETRYABLE_STATUS and not last:
                 delay = self.retry_policy.delay(attempt, _retry_after(response))
                 logger.debug(
                     "retrying Prefect API call",

@@ -11,6 +11,9 @@ class RetryPolicy(BaseModel):
     attempts: int = Field(8, ge=1, description="total tries, the first one included")
     base_delay: float = Field(0.1, ge=0)
     max_delay: float = Field(5.0, ge=0)
+    deadline_seconds: float = Field(
+        90.0, gt=0, description="no retry starts after this long from the first try (bounds one call's time)"
+    )
 
     def delay(self, retry_number: int, retry_after: float | None = None) -> float:
         """Seconds to wait before retry `retry_number` (1 = the first retry).
