@@ -95,12 +95,14 @@ def test_four_concurrent_dispatchers_submit_each_of_50_runs_exactly_once(
         async with client_for(prefect_server.api_url) as client:
             await make_pool(client, unique_name)
             deployment = await make_deployment(client, unique_name)
-            return await make_runs(client, deployment, 50)
+            # Due in 2 minutes, claimed early (prefetch): runs already due would be
+            # rewritten "Late" by the server's late-runs service in the middle of the
+            # race, and on SQLite that write fights the claims for the one write lock
+            # (stalls of a minute; found by tests/reliability/test_exactly_once.py).
+            return await make_runs(client, deployment, 50, scheduled_in=timedelta(seconds=120))
 
     runs = asyncio.run(setup())
-    # Fewer requests in flight per dispatcher: the test server's SQLite stalls
-    # writes for up to 60 s under contention, and the race needs no more.
-    env = dispatcher_env(api_env, record_file, PUSHPOOL_MAX_CONCURRENCY="4")
+    env = dispatcher_env(api_env, record_file, PUSHPOOL_MAX_CONCURRENCY="4", PUSHPOOL_PREFETCH_SECONDS="600")
     run_dispatchers(env, unique_name, count=4)
     if len(submit_counts(record_file)) < len(runs):
         run_dispatchers(env, unique_name, count=1)  # level-triggered: the next tick takes what a stall left
