@@ -17,7 +17,24 @@ from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dispatcher.models import FlowRun
+from dispatcher.models import FlowRun, StateType
+
+
+def claim_key(flow_run: FlowRun) -> Optional[str]:
+    """Which claim of the run a launch is for: its PENDING state's id (12 hex
+    digits), or None when the run is not held in a claim."""
+    state = flow_run.state
+    if state is None or state.type != StateType.PENDING or state.id is None:
+        return None
+    return state.id.hex[:12]
+
+
+def idempotency_key(flow_run: FlowRun) -> str:
+    """The flow run id and its claim (≤ 64 characters): a resubmission of the
+    same claim is the same launch; a run Prefect gave back and that is claimed
+    again is launched anew."""
+    key = claim_key(flow_run)
+    return f"{flow_run.id}-{key}" if key else str(flow_run.id)
 
 
 class JobConfiguration(BaseModel):
@@ -88,8 +105,9 @@ class Provider(ABC):
     async def submit(self, configuration: JobConfiguration, flow_run: FlowRun) -> str:
         """Launch the flow run; return its `infrastructure_pid`.
 
-        Must be idempotent, keyed by `flow_run.id`: calling it again for a run
-        already launched returns the same pid and launches nothing. Raise
+        Must be idempotent, keyed by `idempotency_key(flow_run)`: calling it
+        again for a claim already launched returns the same pid and launches
+        nothing (a run given back and claimed anew is a new key). Raise
         `InfrastructureError` for failures a person can act on.
         """
 

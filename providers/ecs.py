@@ -40,9 +40,16 @@ from typing import Any, ClassVar, Optional
 from pydantic import Field, field_validator
 
 from dispatcher.logs import get_logger
-from dispatcher.models import FlowRun, StateType
+from dispatcher.models import FlowRun
 from dispatcher.retries import RetryPolicy
-from providers.base import InfrastructureError, InfrastructureStatus, JobConfiguration, Provider
+from providers.base import (
+    InfrastructureError,
+    InfrastructureStatus,
+    JobConfiguration,
+    Provider,
+    claim_key,
+    idempotency_key,
+)
 
 logger = get_logger(__name__)
 
@@ -538,23 +545,6 @@ def build_run_task_request(
     return remove_empty(request)
 
 
-def claim_key(flow_run: FlowRun) -> Optional[str]:
-    """Which claim of the run this launch is for: its PENDING state's id (12 hex
-    digits), or None when the run is not held in a claim."""
-    state = flow_run.state
-    if state is None or state.type != StateType.PENDING or state.id is None:
-        return None
-    return state.id.hex[:12]
-
-
-def client_token_for(flow_run: FlowRun) -> str:
-    """The flow run id and its claim (≤ 64 characters): a resubmission of the
-    same claim is the same RunTask to AWS; a run Prefect gave back and that is
-    claimed again is launched anew."""
-    key = claim_key(flow_run)
-    return f"{flow_run.id}-{key}" if key else str(flow_run.id)
-
-
 def explain_stopped_task(task: dict[str, Any], container_name: Optional[str]) -> tuple[Optional[int], str]:
     """(exit code of the orchestration container, one sentence saying why the task stopped)."""
     containers = task.get("containers") or []
@@ -663,7 +653,7 @@ class EcsProvider(Provider):
                 task_definition=task_definition,
                 container_name=container_name,
                 flow_run=flow_run,
-                client_token=client_token_for(flow_run),
+                client_token=idempotency_key(flow_run),
             )
             if task_definition.get("networkMode") == "awsvpc" and not request.get("networkConfiguration"):
                 request["networkConfiguration"] = self._cached_network_configuration(aws, configuration)

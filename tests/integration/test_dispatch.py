@@ -1,26 +1,24 @@
-"""The dispatch core against a real Prefect server: claims, limits, failures."""
+"""The dispatch core against a real Prefect server: claims, limits, failures.
+
+Races between several dispatcher processes (exactly once, pool and queue
+concurrency limits held) are in tests/reliability/test_exactly_once.py, on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import threading
-import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
 from dispatcher.dispatch import Dispatcher, RunOutcome
-from dispatcher.models import StateProposal, StateType
+from dispatcher.models import StateType
 from dispatcher.settings import Settings
 from tests.support.factories import (
     client_for,
-    dispatcher_env,
     make_deployment,
     make_pool,
     make_runs,
-    pushpool_command,
     recorded_submits,
     states_of,
     submit_counts,
@@ -35,22 +33,6 @@ def in_process_sweep(api_url: str, pool: str, **settings: object):
             return await Dispatcher(client, Settings(api_url=api_url, **settings)).sweep([pool])
 
     return asyncio.run(sweep())
-
-
-def run_dispatchers(env: dict[str, str], pool: str, count: int) -> None:
-    processes = [
-        subprocess.Popen(
-            pushpool_command("dispatch", "--once", "--pool", pool),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    for process in processes:
-        out, err = process.communicate(timeout=240)
-        assert process.returncode == 0, f"dispatcher failed:\n{out}\n{err}"
 
 
 def test_a_due_run_is_claimed_rendered_submitted_and_recorded(prefect_server, record_file, unique_name):
@@ -86,101 +68,6 @@ def test_a_due_run_is_claimed_rendered_submitted_and_recorded(prefect_server, re
     assert after.state.type == StateType.PENDING and after.state.name == "Pending"
     assert "pushpool claim" in after.state.message
     assert after.infrastructure_pid == submitted["infrastructure_pid"]
-
-
-def test_four_concurrent_dispatchers_submit_each_of_50_runs_exactly_once(
-    prefect_server, api_env, record_file, unique_name
-):
-    async def setup():
-        async with client_for(prefect_server.api_url) as client:
-            await make_pool(client, unique_name)
-            deployment = await make_deployment(client, unique_name)
-            # Due in 2 minutes, claimed early (prefetch): runs already due would be
-            # rewritten "Late" by the server's late-runs service in the middle of the
-            # race, and on SQLite that write fights the claims for the one write lock
-            # (stalls of a minute; found by tests/reliability/test_exactly_once.py).
-            return await make_runs(client, deployment, 50, scheduled_in=timedelta(seconds=120))
-
-    runs = asyncio.run(setup())
-    env = dispatcher_env(api_env, record_file, PUSHPOOL_MAX_CONCURRENCY="4", PUSHPOOL_PREFETCH_SECONDS="600")
-    run_dispatchers(env, unique_name, count=4)
-    if len(submit_counts(record_file)) < len(runs):
-        run_dispatchers(env, unique_name, count=1)  # level-triggered: the next tick takes what a stall left
-
-    counts = submit_counts(record_file)
-    assert set(counts) == {str(r.id) for r in runs}
-    assert set(counts.values()) == {1}, f"runs submitted more than once: {[k for k, v in counts.items() if v > 1]}"
-    dispatcher_pids = {e["dispatcher_pid"] for e in recorded_submits(record_file)}
-    assert len(dispatcher_pids) > 1, "one dispatcher did all the work; the race was not exercised"
-
-    async def read_back():
-        async with client_for(prefect_server.api_url) as client:
-            return await states_of(client, [r.id for r in runs])
-
-    final = asyncio.run(read_back())
-    assert {r.state.type for r in final.values()} == {StateType.PENDING}
-    pids = [r.infrastructure_pid for r in final.values()]
-    assert None not in pids and len(set(pids)) == 50
-
-
-class ActiveRunSampler:
-    """Counts the pool's PENDING+RUNNING runs from a thread, as fast as the API answers."""
-
-    def __init__(self, api_url: str, pool: str):
-        self.api_url, self.pool = api_url, pool
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
-
-    async def _sample(self) -> None:
-        body = {
-            "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
-            "work_pools": {"name": {"any_": [self.pool]}},
-        }
-        async with client_for(self.api_url) as client:
-            while not self._stop.is_set():
-                response = await client.request("POST", "flow_runs/count", json=body)
-                self.samples.append(int(response.json()))
-                await asyncio.sleep(0.01)
-
-    def __enter__(self) -> "ActiveRunSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
-def test_pool_concurrency_limit_holds_across_three_dispatchers(prefect_server, api_env, record_file, unique_name):
-    async def setup():
-        async with client_for(prefect_server.api_url) as client:
-            await make_pool(client, unique_name, concurrency_limit=3)
-            deployment = await make_deployment(client, unique_name)
-            return await make_runs(client, deployment, 10)
-
-    runs = asyncio.run(setup())
-    env = dispatcher_env(api_env, record_file)
-    with ActiveRunSampler(prefect_server.api_url, unique_name) as sampler:
-        run_dispatchers(env, unique_name, count=3)
-    assert sampler.samples and max(sampler.samples) <= 3
-    assert sum(submit_counts(record_file).values()) == 3
-
-    async def finish_active_runs():
-        async with client_for(prefect_server.api_url) as client:
-            final = await states_of(client, [r.id for r in runs])
-            active = [r for r in final.values() if r.state.type == StateType.PENDING]
-            assert len(active) == 3
-            assert sum(1 for r in final.values() if r.state.type == StateType.SCHEDULED) == 7
-            for run in active:
-                await client.set_flow_run_state(run.id, StateProposal(type=StateType.COMPLETED), force=True)
-
-    asyncio.run(finish_active_runs())
-    with ActiveRunSampler(prefect_server.api_url, unique_name) as sampler:
-        run_dispatchers(env, unique_name, count=3)
-    assert max(sampler.samples) <= 3
-    counts = submit_counts(record_file)
-    assert sum(counts.values()) == 6 and set(counts.values()) == {1}
 
 
 def test_a_run_whose_job_variables_no_longer_validate_crashes_and_the_others_are_submitted(
@@ -235,7 +122,7 @@ def test_a_run_whose_block_was_deleted_crashes_naming_the_block(prefect_server, 
             await client.delete_block_document(block.id)
             return run
 
-    run = asyncio.run(setup())
+    asyncio.run(setup())
     summary = in_process_sweep(prefect_server.api_url, unique_name)
     [result] = summary.runs
     assert result.outcome == RunOutcome.CRASHED

@@ -16,42 +16,34 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import subprocess
 import threading
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dispatcher.models import StateType
-from dispatcher.prefect_client import PrefectClient
-from dispatcher.retries import RetryPolicy
-from dispatcher.settings import Settings
 from tests.support.ecs import ecs_template, make_credentials_block, tasks_in
-from tests.support.factories import (
-    dispatcher_env,
-    make_deployment,
-    make_pool,
-    make_runs,
-    pushpool_command,
-    states_of,
-    submit_counts,
-)
+from tests.support.factories import dispatcher_env, make_deployment, make_pool, make_runs, states_of, submit_counts
 from tests.support.fault_proxy import FaultProxy
+from tests.support.ticks import (
+    PREFETCH_SECONDS,
+    SCHEDULED_IN,
+    patient_client,
+    read_runs,
+    report,
+    run,
+    start_dispatcher,
+)
+from tests.support.ticks import tick as one_tick
 
 FULL = os.environ.get("PUSHPOOL_RELIABILITY") == "full"
 RUNS = 200 if FULL else 20
 RECORDING_RUNS, RECORDING_DISPATCHERS = (200, 4) if FULL else (30, 3)
 MAX_TICKS = 3
-# Runs are due ahead and claimed within the prefetch window: the server's
-# late-runs service would otherwise rewrite every run as "Late" after 15 s and
-# fight the dispatchers for SQLite's write lock.
-SCHEDULED_IN = timedelta(seconds=120)
-PREFETCH_SECONDS = "600"
 PENDING_TIMEOUT = "4"  # seconds; longer than the slow RunTask delay below, so a launch in flight lands first
 SLOW_RUN_TASK_SECONDS = 1.0
 THROTTLED = {"__type": "ThrottlingException", "message": "Rate exceeded"}
@@ -62,23 +54,6 @@ pytestmark = [
     pytest.mark.reliability,
     pytest.mark.timeout(1200 if FULL else 300),
 ]
-
-RECONCILED = re.compile(r"Reconciled: resubmitted (\d+), crashed (\d+), cancelled (\d+)")
-SUMMARY = re.compile(r"claimed (\d+), submitted (\d+), crashed (\d+), skipped (\d+)")
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def client_for(api_url: str) -> PrefectClient:
-    """The test's own client, straight to the server (never through the proxy)."""
-    return PrefectClient(Settings(api_url=api_url), retry_policy=RetryPolicy(attempts=40, max_delay=2.0))
-
-
-def report(request: pytest.FixtureRequest, text: str) -> None:
-    request.node.user_properties.append(("measured", text))
-    print(f"\n[reliability] {request.node.name}: {text}")
 
 
 def prefect_faults(proxy: FaultProxy) -> dict[str, Any]:
@@ -111,44 +86,14 @@ def base_env(tmp_path: Path, api_url: str) -> dict[str, str]:
     return env
 
 
-def tick(env: dict[str, str], pool: str, timeout: float = 600) -> dict[str, int]:
-    """One `pushpool dispatch --once` (sweep + reconcile); its counts."""
-    process = subprocess.Popen(
-        pushpool_command("dispatch", "--once", "--pool", pool), env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except BaseException:
-        process.kill()
-        process.communicate()
-        raise
-    assert process.returncode == 0, f"dispatcher failed:\n{out}\n{err}"
-    if env.get("PUSHPOOL_HOME"):  # kept for a person reading a failure
-        log = Path(env["PUSHPOOL_HOME"]) / "ticks.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as f:
-            f.write(f"--- tick at {time.time():.3f}\n{out}\n{err}\n")
-    text = " ".join(out.split())
-    swept = SUMMARY.search(text)
-    assert swept, f"no summary:\n{out}\n{err}"
-    counts = dict(zip(("claimed", "submitted", "crashed", "skipped"), map(int, swept.groups())))
-    reconciled = RECONCILED.search(text)
-    counts["resubmitted"] = int(reconciled.group(1)) if reconciled else 0
-    counts["reconcile_crashed"] = int(reconciled.group(2)) if reconciled else 0
-    # resubmissions that found the task a killed dispatcher had launched (ECS provider's log line)
-    counts["found_existing_task"] = err.count("already has an ECS task")
-    return counts
-
-
-async def _final_states(api_url: str, run_ids: list[str]):
-    async with client_for(api_url) as client:
-        return {str(k): v for k, v in (await states_of(client, run_ids)).items()}
+def tick(env: dict[str, str], pool: str) -> dict[str, Any]:
+    """One tick; its output kept beside the pushpool home for a person reading a failure."""
+    return one_tick(env, pool, log_file=Path(env["PUSHPOOL_HOME"]) / "ticks.log")
 
 
 def unsettled(api_url: str, run_ids: list[str]) -> list[str]:
     """Runs neither launched (pid recorded) nor CRASHED."""
-    final = run(_final_states(api_url, run_ids))
+    final = run(read_runs(api_url, run_ids))
     return [
         str(r.id) for r in final.values()
         if not (r.state.type == StateType.CRASHED or (r.state.type == StateType.PENDING and r.infrastructure_pid))
@@ -173,7 +118,7 @@ def test_faults_on_both_sides_and_a_sigkilled_dispatcher_still_launch_each_run_e
         throttle = cloud.add_rule(match_headers=ECS_JSON_API, respond=400, body=THROTTLED, probability=0.20, seed=9)
 
         async def setup():
-            async with client_for(api) as client:
+            async with patient_client(api) as client:
                 block_id = await make_credentials_block(client, f"{unique_name}-creds", cloud.url)
                 template = ecs_template(aws_credentials={"$ref": {"block_document_id": block_id}}, cluster=unique_name)
                 await make_pool(client, unique_name, "ecs:push", base_job_template=template)
@@ -185,10 +130,7 @@ def test_faults_on_both_sides_and_a_sigkilled_dispatcher_still_launch_each_run_e
         prefect_rules = prefect_faults(prefect)
 
         # 1. A dispatcher killed with SIGKILL in the middle of its batch.
-        victim = subprocess.Popen(
-            pushpool_command("dispatch", "--once", "--pool", unique_name), env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        victim = start_dispatcher(env, unique_name)
         at_kill = run(_wait_for_pending(api, run_ids, victim, at_least=min(4, RUNS), in_flight=slow))
         victim.send_signal(signal.SIGKILL)
         victim.communicate(timeout=30)
@@ -213,7 +155,7 @@ def test_faults_on_both_sides_and_a_sigkilled_dispatcher_still_launch_each_run_e
         prefect_calls = len(prefect.requests)
 
     # 3. Every run: one task and its pid recorded, or CRASHED with a reason; never two tasks.
-    final = run(_final_states(api, run_ids))
+    final = run(read_runs(api, run_ids))
     tasks_per_run = {r: tasks_in(moto_server, unique_name, started_by=r) for r in run_ids}
     duplicated = {r: len(t) for r, t in tasks_per_run.items() if len(t) > 1}
     assert not duplicated, f"runs launched more than once: {duplicated}"
@@ -246,7 +188,7 @@ async def _wait_for_pending(
     """Wait until the victim has claimed some runs (read straight from the
     server) and has a RunTask in flight (held by the proxy's delay rule)."""
     deadline = time.monotonic() + 120
-    async with client_for(api) as client:
+    async with patient_client(api) as client:
         while time.monotonic() < deadline:
             assert victim.poll() is None, f"the dispatcher exited early: {victim.communicate()}"
             runs = (await states_of(client, run_ids)).values()
@@ -272,7 +214,7 @@ def test_concurrent_dispatchers_through_a_faulty_prefect_api_submit_each_run_exa
     api = prefect_server.api_url
 
     async def setup():
-        async with client_for(api) as client:
+        async with patient_client(api) as client:
             await make_pool(client, unique_name)
             deployment = await make_deployment(client, unique_name)
             return [str(r.id) for r in await make_runs(client, deployment, RECORDING_RUNS, scheduled_in=SCHEDULED_IN)]
@@ -310,7 +252,7 @@ def test_concurrent_dispatchers_through_a_faulty_prefect_api_submit_each_run_exa
     assert not duplicated, f"runs submitted more than once: {duplicated}"
     lost = unsettled(api, run_ids)
     assert not lost, f"runs neither launched nor crashed: {lost}"
-    final = run(_final_states(api, run_ids))
+    final = run(read_runs(api, run_ids))
     crashed = [r for r in final.values() if r.state.type == StateType.CRASHED]
     assert all(r.state.message for r in crashed)
     launched = [r for r in final.values() if r.state.type == StateType.PENDING]

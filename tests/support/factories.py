@@ -99,15 +99,23 @@ def run_pushpool(env: dict[str, str], *args: str, timeout: float = 120) -> subpr
     return subprocess.run(pushpool_command(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def recorded_submits(record_file: Path) -> list[dict[str, Any]]:
+def recorded_submits(record_file: Path, *, calls: tuple[str, ...] = ("submit",)) -> list[dict[str, Any]]:
+    """The recording provider's launches (`submit`), or with
+    `calls=("submit", "resubmit")` every submit call it answered."""
     if not record_file.exists():
         return []
     entries = [json.loads(line) for line in record_file.read_text().splitlines() if line.strip()]
-    return [e for e in entries if e["call"] == "submit"]
+    return [e for e in entries if e["call"] in calls]
 
 
 def submit_counts(record_file: Path) -> Counter[str]:
+    """Launches per flow run id (a resubmission of the same claim launches nothing)."""
     return Counter(e["flow_run_id"] for e in recorded_submits(record_file))
+
+
+def submit_call_counts(record_file: Path) -> Counter[str]:
+    """Submit calls per flow run id, launches and resubmissions alike."""
+    return Counter(e["flow_run_id"] for e in recorded_submits(record_file, calls=("submit", "resubmit")))
 
 
 async def states_of(client: PrefectClient, run_ids: list[UUID]) -> dict[UUID, FlowRun]:
