@@ -8,8 +8,10 @@ one second apart and all in the past, so all are due at once and no event announ
 - pushpool: the runs are due in an `ecs:push` pool; ONE sweep (`Dispatcher.sweep`,
   what `pushpool dispatch --once` does before its reconcile pass) runs in a fresh
   subprocess. Reported: the subprocess's wall time (interpreter start and imports
-  included) and the sweep's own time, and the subprocess's peak RSS (`os.wait4`'s
-  ru_maxrss for that child alone). Once per PUSHPOOL_MAX_CONCURRENCY value.
+  included) and the sweep's own time, and the subprocess's peak RSS (its own
+  VmHWM, read at the end: not `wait4`'s ru_maxrss, which Linux carries across
+  exec, so it reports this harness's RSS — moto and all — from the moment
+  before the child's exec). Once per PUSHPOOL_MAX_CONCURRENCY value.
 - Prefect's ECS worker at its defaults: the runs are created while the `ecs`
   worker pool is paused, with the worker already running and warmed up; the
   clock starts when the pool is resumed and stops when every run has an
@@ -53,6 +55,18 @@ from dispatcher.prefect_client import PrefectClient
 from dispatcher.settings import Settings
 
 
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident set since its exec (Linux's VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def child_sweep(pool: str) -> None:
     """In the fresh subprocess: one sweep of `pool`, its summary as JSON on stdout."""
     from dispatcher.dispatch import Dispatcher
@@ -67,7 +81,7 @@ def child_sweep(pool: str) -> None:
                     "crashed": summary.crashed, "skipped": summary.skipped, "runs": len(summary.runs),
                     "reasons": sorted({r.reason for r in summary.runs if r.reason})[:5]}
 
-    print(json.dumps(asyncio.run(sweep())))
+    print(json.dumps({**asyncio.run(sweep()), "peak_rss_mb": peak_rss_mb()}))
 
 
 def run_sweep_subprocess(stack: Stack, pool: str, concurrency: int) -> dict[str, Any]:
@@ -79,14 +93,14 @@ def run_sweep_subprocess(stack: Stack, pool: str, concurrency: int) -> dict[str,
         started = time.monotonic()
         process = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--child-sweep", pool],
                                    env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        _, status = os.waitpid(process.pid, 0)
         wall = time.monotonic() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     text = out_path.read_text()
     if process.returncode != 0:
         raise RuntimeError(f"the sweep subprocess exited with {process.returncode}:\n{text[-3000:]}")
     summary = json.loads(text.strip().splitlines()[-1])
-    return {**summary, "wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {**summary, "wall_seconds": wall}
 
 
 def bench_pushpool(stack: Stack, runs: int, concurrency: int) -> dict[str, Any]:
@@ -163,8 +177,9 @@ def main() -> None:
                   f"{r['steady_runs_per_second']:.1f} runs/s |")
         else:
             c = name.removeprefix("pushpool-c")
+            rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") else "–"
             print(f"| pushpool, one sweep, PUSHPOOL_MAX_CONCURRENCY={c} | {r['with_pid']} of {args.runs} "
-                  f"| {r['wall_seconds']:.2f} | {r['runs_per_second']:.1f} | {r['peak_rss_mb']:.0f} "
+                  f"| {r['wall_seconds']:.2f} | {r['runs_per_second']:.1f} | {rss} "
                   f"| sweep itself {r['sweep_seconds']:.2f} s; submitted {r['submitted']}, crashed {r['crashed']} |")
     if "worker" in results and results["worker"]["runs_per_second"]:
         for name, r in results.items():

@@ -36,12 +36,11 @@ from dispatcher.prefect_client import ObjectNotFound, PrefectAPIError, PrefectUn
 from dispatcher.run_policy import RunPolicy
 from dispatcher.submission import launch
 from dispatcher.templating import TemplateError
-from providers.base import InfrastructureError, InfrastructureStatus
+from providers.base import RESUBMISSIONS_LABEL, InfrastructureError, InfrastructureStatus
 from providers.registry import UnknownPushType
 
 logger = get_logger(__name__)
 
-RESUBMISSIONS_LABEL = "pushpool.io/resubmissions"
 RESUBMITTED_AT_LABEL = "pushpool.io/resubmitted-at"  # the pending timeout restarts from here
 ACTIVE_STATES = [StateType.PENDING.value, StateType.RUNNING.value, StateType.CANCELLING.value]
 #: how far back to look for runs whose cancellation the server timed out
@@ -153,6 +152,7 @@ class Reconciler:
             "run was claimed but its infrastructure never recorded; submitting it again (idempotent)",
             extra={"resubmission": tries + 1},
         )
+        run.labels = {**run.labels, RESUBMISSIONS_LABEL: str(tries + 1)}  # tells the provider (see is_resubmission)
         return await launch(self.inv, pool, run), 1
 
     # ------------------------------------------------------------ dead infrastructure

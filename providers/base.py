@@ -20,6 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from dispatcher.models import FlowRun, StateType
 
 
+#: The reconciler's count of a run's resubmissions, a label on the run it
+#: passes to `submit`: only a resubmission can find a launch of the same claim
+#: that has already finished (a fresh claim has never been launched).
+RESUBMISSIONS_LABEL = "pushpool.io/resubmissions"
+
+
+def is_resubmission(flow_run: FlowRun) -> bool:
+    return str(flow_run.labels.get(RESUBMISSIONS_LABEL) or "0") not in ("", "0")
+
+
 def claim_key(flow_run: FlowRun) -> Optional[str]:
     """Which claim of the run a launch is for: its PENDING state's id (12 hex
     digits), or None when the run is not held in a claim."""

@@ -49,6 +49,7 @@ from providers.base import (
     Provider,
     claim_key,
     idempotency_key,
+    is_resubmission,
 )
 
 logger = get_logger(__name__)
@@ -601,6 +602,7 @@ class EcsProvider(Provider):
         # The network configuration worked out for a VPC (and given subnets), per
         # credentials: the EC2 look-ups are made once per invocation, not per run.
         self._networks: dict[str, dict[str, Any]] = {}
+        self._network_lock = threading.Lock()
 
     # --- the Provider interface ------------------------------------------------------
 
@@ -687,8 +689,9 @@ class EcsProvider(Provider):
 
     def _existing_task(self, ecs: Any, cluster: Optional[str], flow_run: FlowRun) -> Optional[tuple[str, str]]:
         """A task this flow run already has: (cluster arn, task arn). Any running
-        one (never two at once); a stopped one only if launched for this very
-        claim (a resubmission finds what it launched; a new claim launches anew)."""
+        one (never two at once); on a resubmission, also a stopped one launched
+        for this very claim (it ran and exited before its pid was recorded). A
+        fresh claim has never been launched, so it skips that second ListTasks."""
         base = {"startedBy": str(flow_run.id)[:128]}
         if cluster:
             base["cluster"] = cluster
@@ -697,7 +700,7 @@ class EcsProvider(Provider):
         if arns:
             return self._describe_pid(ecs, cluster, arns[:1])
         key = claim_key(flow_run)
-        if key is None:
+        if key is None or not is_resubmission(flow_run):
             return None
         stopped = self._call("ecs:ListTasks", lambda: ecs.list_tasks(**base, desiredStatus="STOPPED"))
         arns = stopped.get("taskArns") or []
@@ -799,12 +802,12 @@ class EcsProvider(Provider):
                 sort_keys=True, default=str,
             ).encode()
         ).hexdigest()
-        with self._lock:
+        # Held while looking up: the first runs of a sweep arrive together on
+        # every executor thread, and one lookup is enough for all of them.
+        with self._network_lock:
             cached = self._networks.get(key)
-        if cached is None:
-            cached = self._network_configuration(aws, configuration)
-            with self._lock:
-                self._networks[key] = cached
+            if cached is None:
+                cached = self._networks[key] = self._network_configuration(aws, configuration)
         return copy.deepcopy(cached)
 
     def _network_configuration(self, aws: AwsAccess, configuration: EcsJobConfiguration) -> dict[str, Any]:

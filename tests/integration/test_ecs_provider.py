@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from dispatcher.dispatch import Dispatcher, RunOutcome
-from dispatcher.models import FlowRun, StateProposal, StateType
+from dispatcher.models import FlowRun, State, StateProposal, StateType
 
 from dispatcher.retries import RetryPolicy
 from dispatcher.settings import Settings
-from providers.base import InfrastructureError
+from providers.base import RESUBMISSIONS_LABEL, InfrastructureError
 from providers.ecs import EcsJobConfiguration, EcsProvider
 from providers.registry import ProviderRegistry
 from tests.support.ecs import (
@@ -251,6 +251,35 @@ def test_submitting_twice_launches_one_task(moto_server, cluster, unique_name):
     second = run(EcsProvider().submit(config, flow_run))  # a fresh dispatcher, no shared memory
     assert first == second
     assert len(tasks_in(moto_server, cluster, started_by=str(flow_run.id))) == 1
+
+
+def claimed(flow_run: FlowRun, *, resubmissions: int = 0) -> FlowRun:
+    """The run as the dispatcher hands it over: PENDING in its claim (and, from
+    the reconciler, labelled with its resubmission count)."""
+    labels = {RESUBMISSIONS_LABEL: str(resubmissions)} if resubmissions else {}
+    return flow_run.model_copy(update={"state": State(id=uuid.uuid4(), type=StateType.PENDING), "labels": labels})
+
+
+def test_a_resubmission_finds_the_task_its_claim_launched_even_stopped(moto_server, cluster, unique_name):
+    """The pid write after a launch was lost and the task has already exited:
+    the reconciler's resubmission of the same claim launches nothing new. A
+    fresh claim costs one ListTasks (RUNNING); only a resubmission also looks
+    among stopped tasks, since only it can have been launched before."""
+    fresh = claimed(flow_run_for(unique_name))
+    config = with_env(configuration(moto_server.endpoint_url, cluster), fresh)
+    calls: list[str] = []
+    provider = EcsProvider()
+    ecs = provider.access(config).client("ecs")
+    ecs.meta.events.register("before-call.ecs.*", lambda model, **_: calls.append(model.name))
+    pid = run(provider.submit(config, fresh))
+    assert calls.count("ListTasks") == 1 and calls.count("RunTask") == 1, calls
+    moto_server.client("ecs").stop_task(cluster=cluster, task=pid.split("::")[1], reason="Essential container exited")
+
+    again = fresh.model_copy(update={"labels": {RESUBMISSIONS_LABEL: "1"}})
+    calls.clear()
+    assert run(provider.submit(config, again)) == pid
+    assert calls.count("ListTasks") == 2 and "RunTask" not in calls, calls
+    assert len(tasks_in(moto_server, cluster, started_by=str(fresh.id))) == 1
 
 
 def test_task_definitions_are_reused_until_the_settings_change(moto_server, cluster, unique_name):

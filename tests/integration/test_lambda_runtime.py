@@ -19,7 +19,7 @@ import pytest
 from dispatcher import aws_lambda
 from dispatcher.models import FlowRun, StateProposal, StateType
 from dispatcher.prefect_client import PrefectClient
-from dispatcher.reconcile import RESUBMISSIONS_LABEL
+from providers.base import RESUBMISSIONS_LABEL
 from tests.support.ecs import ecs_target, ecs_template, make_credentials_block, tasks_in
 from tests.support.factories import client_for, make_deployment, make_pool, make_runs
 from tests.support.fault_proxy import FaultProxy
