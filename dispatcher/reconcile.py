@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 from typing import Optional
+from uuid import UUID
 
 from pydantic import BaseModel, Field
 
@@ -36,7 +37,7 @@ from dispatcher.prefect_client import ObjectNotFound, PrefectAPIError, PrefectUn
 from dispatcher.run_policy import RunPolicy
 from dispatcher.submission import launch
 from dispatcher.templating import TemplateError
-from providers.base import RESUBMISSIONS_LABEL, InfrastructureError, InfrastructureStatus
+from providers.base import RESUBMISSIONS_LABEL, InfrastructureError, InfrastructureStatus, JobConfiguration
 from providers.registry import UnknownPushType
 
 logger = get_logger(__name__)
@@ -75,7 +76,14 @@ class Reconciler:
                 except (PrefectUnreachable, PrefectAPIError) as exc:
                     logger.error("could not read the pool's active runs", extra={"error": str(exc)})
                     continue
-                for result, resubmitted in await self.inv.bounded(lambda run: self._reconcile(pool, run), runs):
+                to_check = [
+                    run for run in runs
+                    if _has_live_infrastructure(run) and run.current_state_type != StateType.CANCELLING
+                ]
+                statuses = await self._statuses(pool, to_check)
+                for result, resubmitted in await self.inv.bounded(
+                    lambda run: self._reconcile(pool, run, statuses.get(run.id)), runs
+                ):
                     if result is not None:
                         summary.runs.append(result)
                     summary.resubmitted += resubmitted
@@ -98,8 +106,11 @@ class Reconciler:
             run.work_pool_name = pool.name
         return runs
 
-    async def _reconcile(self, pool: WorkPool, run: FlowRun) -> tuple[Optional[RunResult], int]:
-        """(what was done, if anything; 1 if the run was submitted again)."""
+    async def _reconcile(
+        self, pool: WorkPool, run: FlowRun, status: Optional[InfrastructureStatus]
+    ) -> tuple[Optional[RunResult], int]:
+        """(what was done, if anything; 1 if the run was submitted again).
+        `status`: its infrastructure's, read in this pool's batch (None: unknown)."""
         state = run.current_state_type
         if state == StateType.CANCELLING:
             return await cancel_flow_run(self.inv, pool, run), 0
@@ -108,7 +119,7 @@ class Reconciler:
         if state == StateType.PENDING and not run.infrastructure_pid:
             return await self._lost_submission(pool, run)
         if run.infrastructure_pid:
-            settled = await self.check_infrastructure(pool, run)
+            settled = await self.settle_stopped_infrastructure(pool, run, status)
             if settled is not None:
                 return settled, 0
             return await self._enforce_max_run_time(pool, run), 0
@@ -160,10 +171,16 @@ class Reconciler:
     async def check_infrastructure(self, pool: WorkPool, run: FlowRun) -> Optional[RunResult]:
         """CRASHED (or, if it was being cancelled, CANCELLED) when the run's
         infrastructure has exited or is gone while the run is not finished."""
-        if not run.infrastructure_pid or (run.current_state_type or StateType.SCHEDULED).is_terminal:
+        if not _has_live_infrastructure(run):
             return None
-        status = await self._status(pool, run)
-        if status is None or status.state == "running":
+        statuses = await self._statuses(pool, [run])
+        return await self.settle_stopped_infrastructure(pool, run, statuses.get(run.id))
+
+    async def settle_stopped_infrastructure(
+        self, pool: WorkPool, run: FlowRun, status: Optional[InfrastructureStatus]
+    ) -> Optional[RunResult]:
+        """What `check_infrastructure` does once the status is known."""
+        if not _has_live_infrastructure(run) or status is None or status.state == "running":
             return None
         # What the infrastructure said is final; what the run says may have moved on.
         try:
@@ -185,17 +202,36 @@ class Reconciler:
             )
         return await self.inv.crash(pool, current, describe_exit(status))
 
-    async def _status(self, pool: WorkPool, run: FlowRun) -> Optional[InfrastructureStatus]:
-        pid = run.infrastructure_pid or ""
+    async def _statuses(self, pool: WorkPool, runs: list[FlowRun]) -> dict[UUID, InfrastructureStatus]:
+        """The infrastructure status of each run whose status could be read,
+        asked of the provider in one batch (a run whose configuration cannot be
+        built, or whose backend cannot answer, is left out and checked next tick)."""
+        asked: list[tuple[FlowRun, str, JobConfiguration]] = []
+        for run in runs:
+            try:
+                asked.append((run, run.infrastructure_pid or "", await self.inv.job_configuration(pool, run)))
+            except (TemplateError, ObjectNotFound, PrefectUnreachable, PrefectAPIError) as exc:
+                self._cannot_read(run, exc)
+        if not asked:
+            return {}
         try:
-            configuration = await self.inv.job_configuration(pool, run)
-            return await self.inv.provider(pool).status(pid, configuration)
-        except (TemplateError, ObjectNotFound, InfrastructureError, PrefectUnreachable, PrefectAPIError) as exc:
+            answers = await self.inv.provider(pool).statuses([(pid, configuration) for _, pid, configuration in asked])
+        except InfrastructureError as exc:
+            answers = [exc] * len(asked)
+        found: dict[UUID, InfrastructureStatus] = {}
+        for (run, _, _), answer in zip(asked, answers):
+            if isinstance(answer, InfrastructureError):
+                self._cannot_read(run, answer)
+            else:
+                found[run.id] = answer
+        return found
+
+    def _cannot_read(self, run: FlowRun, exc: Exception) -> None:
+        with log_context(flow_run_id=run.id):
             logger.warning(
                 "could not read the state of the run's infrastructure",
-                extra={"infrastructure_pid": pid, "error": self.inv.reason(str(exc))},
+                extra={"infrastructure_pid": run.infrastructure_pid, "error": self.inv.reason(str(exc))},
             )
-            return None
 
     # ------------------------------------------------------------ maximum run time
 
@@ -214,6 +250,11 @@ class Reconciler:
         logger.warning("run exceeded its maximum run time; cancelling it", extra={"reason": reason})
         cancelling = run.model_copy(update={"state": result.state, "state_type": StateType.CANCELLING})
         return await cancel_flow_run(self.inv, pool, cancelling)
+
+
+def _has_live_infrastructure(run: FlowRun) -> bool:
+    """Recorded infrastructure under a run that has not finished."""
+    return bool(run.infrastructure_pid) and not (run.current_state_type or StateType.SCHEDULED).is_terminal
 
 
 def describe_exit(status: InfrastructureStatus) -> str:

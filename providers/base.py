@@ -128,3 +128,18 @@ class Provider(ABC):
     @abstractmethod
     async def status(self, infrastructure_pid: str, configuration: JobConfiguration) -> InfrastructureStatus:
         """Whether the infrastructure is running, has exited (and how), or is missing."""
+
+    async def statuses(
+        self, infrastructures: list[tuple[str, JobConfiguration]]
+    ) -> list[InfrastructureStatus | InfrastructureError]:
+        """`status` of many (infrastructure_pid, configuration) pairs, in order,
+        each an `InfrastructureStatus` or the `InfrastructureError` that
+        prevented it. The reconciler asks once per pool and tick; a backend
+        that can describe many at once (ECS: 100 tasks a call) overrides this."""
+        results: list[InfrastructureStatus | InfrastructureError] = []
+        for pid, configuration in infrastructures:
+            try:
+                results.append(await self.status(pid, configuration))
+            except InfrastructureError as exc:
+                results.append(exc)
+        return results

@@ -69,6 +69,8 @@ LOG_TAIL_LINES = 10
 LOG_TAIL_CHARACTERS = 1000
 #: our own tag: the claim (the flow run's PENDING state) a task was launched for
 CLAIM_TAG = "pushpool.io/claim"
+#: the most tasks one DescribeTasks call accepts
+DESCRIBE_TASKS_LIMIT = 100
 CONCURRENT_REVISION_TEXT = "too many concurrent attempts to create a new revision"
 THROTTLING_CODES = frozenset(
     {"ThrottlingException", "Throttling", "ThrottledException", "RequestLimitExceeded", "TooManyRequestsException"}
@@ -613,7 +615,17 @@ class EcsProvider(Provider):
         await asyncio.to_thread(self._cancel, infrastructure_pid, self._coerce(configuration))
 
     async def status(self, infrastructure_pid: str, configuration: JobConfiguration) -> InfrastructureStatus:
-        return await asyncio.to_thread(self._status, infrastructure_pid, self._coerce(configuration))
+        [result] = await self.statuses([(infrastructure_pid, configuration)])
+        if isinstance(result, InfrastructureError):
+            raise result
+        return result
+
+    async def statuses(
+        self, infrastructures: list[tuple[str, JobConfiguration]]
+    ) -> list[InfrastructureStatus | InfrastructureError]:
+        """One DescribeTasks per cluster and credentials for up to 100 tasks."""
+        coerced = [(pid, self._coerce(configuration)) for pid, configuration in infrastructures]
+        return await asyncio.to_thread(self._statuses, coerced)
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -881,22 +893,56 @@ class EcsProvider(Provider):
                 return  # already gone
             raise
 
-    def _status(self, infrastructure_pid: str, configuration: EcsJobConfiguration) -> InfrastructureStatus:
-        cluster, task_arn = parse_infrastructure_pid(infrastructure_pid)
-        ecs = self.access(configuration).client("ecs")
+    def _statuses(
+        self, infrastructures: list[tuple[str, EcsJobConfiguration]]
+    ) -> list[InfrastructureStatus | InfrastructureError]:
+        results: list[InfrastructureStatus | InfrastructureError | None] = [None] * len(infrastructures)
+        # (credentials, cluster) → [(position, task arn, configuration)]
+        groups: dict[tuple[int, str], list[tuple[int, str, EcsJobConfiguration]]] = {}
+        for position, (pid, configuration) in enumerate(infrastructures):
+            try:
+                cluster, task_arn = parse_infrastructure_pid(pid)
+                aws = self.access(configuration)
+            except InfrastructureError as exc:
+                results[position] = exc
+                continue
+            groups.setdefault((id(aws), cluster), []).append((position, task_arn, configuration))
+        for (_, cluster), members in groups.items():
+            for start in range(0, len(members), DESCRIBE_TASKS_LIMIT):
+                chunk = members[start : start + DESCRIBE_TASKS_LIMIT]
+                for position, status in self._describe_chunk(cluster, chunk):
+                    results[position] = status
+        return [r if r is not None else InfrastructureError("no status") for r in results]
+
+    def _describe_chunk(
+        self, cluster: str, chunk: list[tuple[int, str, EcsJobConfiguration]]
+    ) -> list[tuple[int, InfrastructureStatus | InfrastructureError]]:
+        """Statuses of up to 100 tasks of one cluster, with one set of credentials."""
+        aws = self.access(chunk[0][2])
+        ecs = aws.client("ecs")
+        arns = sorted({task_arn for _, task_arn, _ in chunk})
         try:
-            described = self._call("ecs:DescribeTasks", lambda: ecs.describe_tasks(cluster=cluster, tasks=[task_arn]))
+            described = self._call("ecs:DescribeTasks", lambda: ecs.describe_tasks(cluster=cluster, tasks=arns))
         except AwsCallError as exc:
             if exc.code == "ClusterNotFoundException":
-                return InfrastructureStatus(state="missing", reason=f"ECS cluster '{cluster}' no longer exists")
-            raise
-        task = next((t for t in described.get("tasks") or [] if t.get("taskArn") == task_arn), None)
+                gone = InfrastructureStatus(state="missing", reason=f"ECS cluster '{cluster}' no longer exists")
+                return [(position, gone) for position, _, _ in chunk]
+            return [(position, exc) for position, _, _ in chunk]
+        except InfrastructureError as exc:
+            return [(position, exc) for position, _, _ in chunk]
+        tasks = {t.get("taskArn"): t for t in described.get("tasks") or []}
+        return [(position, self._status_of(aws, tasks.get(task_arn), task_arn, configuration))
+                for position, task_arn, configuration in chunk]
+
+    def _status_of(
+        self, aws: AwsAccess, task: Optional[dict[str, Any]], task_arn: str, configuration: EcsJobConfiguration
+    ) -> InfrastructureStatus:
         if task is None:
             return InfrastructureStatus(state="missing", reason=f"ECS task {task_arn} was not found")
         if task.get("lastStatus") == "STOPPED":
             exit_code, reason = explain_stopped_task(task, configuration.container_name)
             if exit_code != 0:
-                tail = self._log_tail(self.access(configuration), task, configuration.container_name)
+                tail = self._log_tail(aws, task, configuration.container_name)
                 if tail:
                     reason += f" — last log lines: {tail}"
             return InfrastructureStatus(state="exited", exit_code=exit_code, reason=reason)

@@ -350,6 +350,32 @@ def test_cancel_stops_the_task_and_status_explains_it(moto_server, cluster, uniq
     assert gone.state == "missing"
 
 
+def test_statuses_of_many_tasks_take_one_describe_tasks_call(moto_server, cluster, unique_name):
+    """What the reconciler asks once per pool and tick: running, exited and
+    missing tasks of one cluster, one DescribeTasks; a malformed pid is its own error."""
+    provider = EcsProvider()
+    runs = [claimed(flow_run_for(unique_name)) for _ in range(3)]
+    configs = [with_env(configuration(moto_server.endpoint_url, cluster), r) for r in runs]
+    pids = [run(provider.submit(c, r)) for c, r in zip(configs, runs)]
+    moto_server.client("ecs").stop_task(cluster=cluster, task=pids[1].split("::")[1], reason="Essential container exited")
+    cluster_arn = pids[0].split("::")[0]
+    missing = f"{cluster_arn}::{cluster_arn.replace(':cluster/', ':task/')}/{uuid.uuid4().hex}"
+
+    calls: list[str] = []
+    provider.access(configs[0]).client("ecs").meta.events.register(
+        "before-call.ecs.*", lambda model, **_: calls.append(model.name)
+    )
+    answers = run(provider.statuses(
+        [(pids[0], configs[0]), (pids[1], configs[1]), (missing, configs[2]), ("not-a-pid", configs[2])]
+    ))
+    assert calls == ["DescribeTasks"], calls
+    running, exited, gone, malformed = answers
+    assert running.state == "running"
+    assert exited.state == "exited" and "Essential container exited" in exited.reason
+    assert gone.state == "missing" and "was not found" in gone.reason
+    assert isinstance(malformed, InfrastructureError) and "not an ecs:push infrastructure pid" in str(malformed)
+
+
 def test_given_network_configuration_is_used_and_a_bad_subnet_is_named(moto_server, cluster, unique_name):
     ec2 = moto_server.client("ec2")
     [vpc] = ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
