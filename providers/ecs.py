@@ -896,7 +896,7 @@ class EcsProvider(Provider):
     def _statuses(
         self, infrastructures: list[tuple[str, EcsJobConfiguration]]
     ) -> list[InfrastructureStatus | InfrastructureError]:
-        results: list[InfrastructureStatus | InfrastructureError | None] = [None] * len(infrastructures)
+        results: dict[int, InfrastructureStatus | InfrastructureError] = {}
         # (credentials, cluster) → [(position, task arn, configuration)]
         groups: dict[tuple[int, str], list[tuple[int, str, EcsJobConfiguration]]] = {}
         for position, (pid, configuration) in enumerate(infrastructures):
@@ -912,7 +912,7 @@ class EcsProvider(Provider):
                 chunk = members[start : start + DESCRIBE_TASKS_LIMIT]
                 for position, status in self._describe_chunk(cluster, chunk):
                     results[position] = status
-        return [r if r is not None else InfrastructureError("no status") for r in results]
+        return [results[position] for position in range(len(infrastructures))]
 
     def _describe_chunk(
         self, cluster: str, chunk: list[tuple[int, str, EcsJobConfiguration]]
@@ -923,13 +923,11 @@ class EcsProvider(Provider):
         arns = sorted({task_arn for _, task_arn, _ in chunk})
         try:
             described = self._call("ecs:DescribeTasks", lambda: ecs.describe_tasks(cluster=cluster, tasks=arns))
-        except AwsCallError as exc:
-            if exc.code == "ClusterNotFoundException":
-                gone = InfrastructureStatus(state="missing", reason=f"ECS cluster '{cluster}' no longer exists")
-                return [(position, gone) for position, _, _ in chunk]
-            return [(position, exc) for position, _, _ in chunk]
         except InfrastructureError as exc:
-            return [(position, exc) for position, _, _ in chunk]
+            answer: InfrastructureStatus | InfrastructureError = exc
+            if isinstance(exc, AwsCallError) and exc.code == "ClusterNotFoundException":
+                answer = InfrastructureStatus(state="missing", reason=f"ECS cluster '{cluster}' no longer exists")
+            return [(position, answer) for position, _, _ in chunk]
         tasks = {t.get("taskArn"): t for t in described.get("tasks") or []}
         return [(position, self._status_of(aws, tasks.get(task_arn), task_arn, configuration))
                 for position, task_arn, configuration in chunk]

@@ -32,14 +32,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 @pytest.fixture
 def api_env(prefect_server: PrefectServer, tmp_path: Path) -> dict[str, str]:
     """Environment for a dispatcher process talking to the test server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PUSHPOOL_"))}
-    env.update(
-        PREFECT_API_URL=prefect_server.api_url,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PUSHPOOL_HOME=str(tmp_path / "pushpool-home"),
-    )
-    return env
+    from tests.support.factories import pushpool_process_env
+
+    return pushpool_process_env(prefect_server.api_url, tmp_path)
 
 
 @pytest.fixture

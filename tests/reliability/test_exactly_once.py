@@ -32,6 +32,7 @@ from tests.support.factories import (
     make_deployment,
     make_pool,
     make_runs,
+    pushpool_process_env,
     recorded_submits,
     submit_call_counts,
     submit_counts,
@@ -42,6 +43,7 @@ from tests.support.ticks import (
     PREFETCH_SECONDS,
     SCHEDULED_IN,
     finish,
+    make_due_runs,
     patient_client,
     read_runs,
     report,
@@ -115,13 +117,7 @@ def server(request: pytest.FixtureRequest) -> PrefectServer:
 @pytest.fixture
 def env(server: PrefectServer, tmp_path: Path, record_file: Path) -> dict[str, str]:
     """A `pushpool` process's environment: the chosen server, the test providers."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PUSHPOOL_"))}
-    base.update(
-        PREFECT_API_URL=server.api_url,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PUSHPOOL_HOME=str(tmp_path / "pushpool-home"),
-    )
+    base = pushpool_process_env(server.api_url, tmp_path)
     return dispatcher_env(
         base, record_file, PUSHPOOL_MAX_CONCURRENCY=MAX_CONCURRENCY, PUSHPOOL_PREFETCH_SECONDS=PREFETCH_SECONDS
     )
@@ -150,15 +146,8 @@ def assert_each_run_launched_exactly_once(api_url: str, record_file: Path, run_i
 
 def test_concurrent_dispatchers_submit_every_due_run_exactly_once(server, env, record_file, unique_name, request):
     api = server.api_url
-
-    async def setup():
-        async with patient_client(api) as client:
-            await make_pool(client, unique_name)
-            deployment = await make_deployment(client, unique_name)
-            return [str(r.id) for r in await make_runs(client, deployment, RUNS, scheduled_in=SCHEDULED_IN)]
-
     started = time.monotonic()
-    run_ids = run(setup())
+    run_ids = make_due_runs(api, unique_name, RUNS)
     setup_seconds = time.monotonic() - started
     started = time.monotonic()
     summaries = run_dispatchers_at_once(env, unique_name, DISPATCHERS)

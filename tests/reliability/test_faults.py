@@ -27,9 +27,18 @@ import pytest
 
 from dispatcher.models import StateType
 from tests.support.ecs import ecs_template, make_credentials_block, tasks_in
-from tests.support.factories import dispatcher_env, make_deployment, make_pool, make_runs, states_of, submit_counts
+from tests.support.factories import (
+    dispatcher_env,
+    make_deployment,
+    make_pool,
+    make_runs,
+    pushpool_process_env,
+    states_of,
+    submit_counts,
+)
 from tests.support.fault_proxy import FaultProxy
 from tests.support.ticks import (
+    make_due_runs,
     PREFETCH_SECONDS,
     SCHEDULED_IN,
     patient_client,
@@ -70,12 +79,8 @@ def prefect_faults(proxy: FaultProxy) -> dict[str, Any]:
 
 
 def base_env(tmp_path: Path, api_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PUSHPOOL_", "AWS_"))}
-    env.update(
-        PREFECT_API_URL=api_url,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PUSHPOOL_HOME=str(tmp_path / "pushpool-home"),
+    return pushpool_process_env(
+        api_url, tmp_path, drop=("AWS_",),
         PUSHPOOL_PENDING_TIMEOUT_SECONDS=PENDING_TIMEOUT,
         PUSHPOOL_MAX_CONCURRENCY="4",
         PUSHPOOL_PREFETCH_SECONDS=PREFETCH_SECONDS,
@@ -83,7 +88,6 @@ def base_env(tmp_path: Path, api_url: str) -> dict[str, str]:
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    return env
 
 
 def tick(env: dict[str, str], pool: str) -> dict[str, Any]:
@@ -212,14 +216,7 @@ def test_concurrent_dispatchers_through_a_faulty_prefect_api_submit_each_run_exa
     """No cloud needed: the recording provider counts submissions, and several
     dispatchers race for the same runs while their claims' answers get lost."""
     api = prefect_server.api_url
-
-    async def setup():
-        async with patient_client(api) as client:
-            await make_pool(client, unique_name)
-            deployment = await make_deployment(client, unique_name)
-            return [str(r.id) for r in await make_runs(client, deployment, RECORDING_RUNS, scheduled_in=SCHEDULED_IN)]
-
-    run_ids = run(setup())
+    run_ids = make_due_runs(api, unique_name, RECORDING_RUNS)
     started = time.monotonic()
     with FaultProxy(upstream=api.removesuffix("/api"), seed=21) as prefect:
         rules = prefect_faults(prefect)

@@ -82,6 +82,21 @@ async def make_runs(
     return list(await asyncio.gather(*(one() for _ in range(count))))
 
 
+def pushpool_process_env(api_url: str, tmp_path: Path, *, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """Environment of a `pushpool` (or other client) process talking to
+    `api_url`: this process's environment without any PREFECT_/PUSHPOOL_
+    setting (or other `drop` prefix), homes under `tmp_path`, and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PUSHPOOL_", *drop))}
+    env.update(
+        PREFECT_API_URL=api_url,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PUSHPOOL_HOME=str(tmp_path / "pushpool-home"),
+        **extra,
+    )
+    return env
+
+
 def dispatcher_env(base_env: dict[str, str], record_file: Path, **extra: str) -> dict[str, str]:
     """Environment of a `pushpool` process that can see the test providers."""
     env = dict(base_env)

@@ -22,7 +22,7 @@ from dispatcher.models import FlowRun
 from dispatcher.prefect_client import PrefectClient
 from dispatcher.retries import RetryPolicy
 from dispatcher.settings import Settings
-from tests.support.factories import pushpool_command, states_of
+from tests.support.factories import make_deployment, make_pool, make_runs, pushpool_command, states_of
 
 # Runs are created due a little ahead and claimed within a prefetch window, so
 # the server's late-runs service (which rewrites runs due >15 s ago as "Late")
@@ -43,6 +43,19 @@ def patient_client(api_url: str) -> PrefectClient:
     answering for a minute under concurrent writes (see the README's
     "Reliability" section), and the test must outlast what it measures."""
     return PrefectClient(Settings(api_url=api_url), retry_policy=RetryPolicy(attempts=40, max_delay=2.0))
+
+
+def make_due_runs(api_url: str, pool: str, count: int) -> list[str]:
+    """A `recording:push` pool named `pool`, a deployment on it, and `count`
+    runs due SCHEDULED_IN from now; their ids."""
+
+    async def setup() -> list[str]:
+        async with patient_client(api_url) as client:
+            await make_pool(client, pool)
+            deployment = await make_deployment(client, pool)
+            return [str(r.id) for r in await make_runs(client, deployment, count, scheduled_in=SCHEDULED_IN)]
+
+    return run(setup())
 
 
 def start_dispatcher(env: dict[str, str], pool: str) -> subprocess.Popen[str]:
